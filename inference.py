@@ -1,0 +1,84 @@
+"""Predict instance masks with a trained checkpoint.
+
+    python inference.py --root_dir data --from_checkpoint runs/default/checkpoints/best.ckpt --pred_dir pred
+    python inference.py --root_dir data --split val --from_checkpoint ... --pred_dir pred   # sequence c, for eval.py
+    python inference.py --root_dir data --seqs c,d --from_checkpoint ... --pred_dir pred
+
+Writes pred_dir/<seq>/<image name>_256.tif (e.g. pred/d/t0000_256.tif): the instance map at 256 x 256, resized by
+nearest neighbour, in the narrowest unsigned dtype that holds the frame's labels. Each file is written to a temporary
+name and renamed, so a file is either whole or absent.
+"""
+import argparse
+import os
+import sys
+import tempfile
+
+import numpy as np
+import tifffile
+import torch
+from torch.utils.data import DataLoader
+
+from dataset import DataError, UnlabelledFrames, default_sequences, list_frames
+from unet import UNet, pick_device, predict_instance_segmentation_from_border_core
+
+
+def narrowest_unsigned(labels: np.ndarray) -> np.ndarray:
+    top = int(labels.max()) if labels.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return labels.astype(dtype)
+    return labels.astype(np.uint64)
+
+
+def write_tiff_atomically(path: str, array: np.ndarray):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tif.tmp")
+    os.close(fd)
+    try:
+        tifffile.imwrite(tmp, array)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
+                     device: torch.device) -> int:
+    frames = list_frames(root_dir, sequence, with_masks=False)
+    loader = DataLoader(UnlabelledFrames(frames, model.hparams.input_size), batch_size=batch_size,
+                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    out_folder = os.path.join(pred_dir, sequence)
+    os.makedirs(out_folder, exist_ok=True)
+    for index, instances in predict_instance_segmentation_from_border_core(model, loader, device):
+        write_tiff_atomically(os.path.join(out_folder, f"{frames[index].name}_256.tif"), narrowest_unsigned(instances))
+    return len(frames)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root_dir", required=True, help="data root, challenge or CTC layout")
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"],
+                        help="sequences by role: test = d,e (04,05 in CTC layout), val = c (03), train = a,b (01,02)")
+    parser.add_argument("--seqs", default=None, help="comma-separated sequence names (overrides --split)")
+    parser.add_argument("--from_checkpoint", required=True, help="a .ckpt written by train.py")
+    parser.add_argument("--pred_dir", default="pred")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
+    args = parser.parse_args(argv)
+
+    if not os.path.isfile(args.from_checkpoint):
+        sys.exit(f"error: {args.from_checkpoint}: checkpoint not found")
+    device = pick_device(args.device)
+    model = UNet.load_from_checkpoint(args.from_checkpoint, map_location=device)
+    try:
+        sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
+        for sequence in sequences:
+            count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
+                                     args.num_workers, device)
+            print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
+    except DataError as error:
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Shared test helpers: tiny data roots written by the tests themselves."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
+
+
+def blob_frame(rng, shape=(60, 76), n_cells=6):
+    """A label image of non-overlapping axis-aligned ellipses and a uint8 image with dark cells on grey."""
+    labels = np.zeros(shape, np.uint16)
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    label = 0
+    for _ in range(n_cells * 4):
+        if label == n_cells:
+            break
+        cy, cx = rng.integers(8, shape[0] - 8), rng.integers(8, shape[1] - 8)
+        ry, rx = rng.integers(4, 8), rng.integers(6, 12)
+        inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1
+        grown = ((yy - cy) / (ry + 2)) ** 2 + ((xx - cx) / (rx + 2)) ** 2 <= 1
+        if (labels[grown] == 0).all():
+            label += 1
+            labels[inside] = label
+    image = np.where(labels > 0, 60, 170) + rng.normal(0, 10, shape)
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+def write_dataset(root, sequences=("a", "b", "c"), unlabelled=("d",), frames=4, shape=(60, 76), layout="challenge",
+                  seed=0):
+    rng = np.random.default_rng(seed)
+    for seq in list(sequences) + list(unlabelled):
+        os.makedirs(os.path.join(root, seq), exist_ok=True)
+        gt = os.path.join(root, f"{seq}_GT", "SEG") if layout == "ctc" else os.path.join(root, f"{seq}_GT")
+        if seq in sequences:
+            os.makedirs(gt, exist_ok=True)
+        for t in range(frames):
+            image, labels = blob_frame(rng, shape)
+            tifffile.imwrite(os.path.join(root, seq, f"t{t:04d}.tif"), image)
+            if seq in sequences:
+                tifffile.imwrite(os.path.join(gt, f"man_seg{t:04d}.tif"), labels)
+    return str(root)
+
+
+@pytest.fixture
+def tiny_root(tmp_path):
+    return write_dataset(tmp_path / "data")

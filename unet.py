@@ -1,0 +1,161 @@
+"""The U-Net of the baseline (SPEC §4) as a LightningModule, and the border-core → instances postprocessing (SPEC §5)."""
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from dataset import BORDER, CORE, resize_nearest
+from eval import instance_dice
+
+SCORE_SIZE = (256, 256)  # predictions are written and scored at 256 x 256 (SPEC §5, §6)
+CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity, as acvl-utils 0.2.6
+
+
+# ------------------------------------------------------------------------------------------------------------------ model
+
+def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+        nn.Conv2d(out_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True),
+    )
+
+
+class UNet(L.LightningModule):
+    """1 → 3 classes (background, core, border); 1,927,907 parameters with the default widths.
+
+    Input sides must be multiples of 2 ** (len(widths) - 1); the data module resizes every frame to input_size.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, widths=(32, 64, 128, 256), lr: float = 1e-3,
+                 num_epochs: int = 100, input_size: int = 512, small_center_threshold: int = 30,
+                 isolated_border_threshold: int = 15):
+        super().__init__()
+        self.save_hyperparameters()
+        widths = list(widths)
+        self.encoder = nn.ModuleList([double_conv(in_channels, widths[0])] +
+                                     [double_conv(a, b) for a, b in zip(widths[:-1], widths[1:])])
+        self.upsample = nn.ModuleList([nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(widths[:-1], widths[1:])])
+        self.decoder = nn.ModuleList([double_conv(2 * a, a) for a in widths[:-1]])
+        self.head = nn.Conv2d(widths[0], num_classes, 1)
+        self.val_iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro")
+        self.val_instance_dice = MeanMetric()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = []
+        for level, block in enumerate(self.encoder):
+            x = block(x if level == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        skips.pop()
+        for up, block in zip(reversed(self.upsample), reversed(self.decoder)):
+            x = block(torch.cat([skips.pop(), up(x)], dim=1))
+        return self.head(x)
+
+    def training_step(self, batch, batch_idx):
+        images, targets, _ = batch
+        loss = F.cross_entropy(self(images), targets)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        images, targets, gt_instances = batch
+        logits = self(images)
+        semantic = logits.argmax(1)
+        self.log("val_loss", F.cross_entropy(logits, targets), on_epoch=True, batch_size=len(images), sync_dist=True)
+        self.val_iou.update(semantic, targets)
+        for pred_map, gt in zip(semantic.cpu().numpy(), gt_instances.cpu().numpy()):
+            instances = self.instances(pred_map)
+            self.val_instance_dice.update(instance_dice(gt, resize_nearest(instances, gt.shape)))
+        self.log("val_iou", self.val_iou, on_epoch=True)
+        self.log("val_instance_dice", self.val_instance_dice, on_epoch=True, prog_bar=True)
+
+    def instances(self, semantic: np.ndarray) -> np.ndarray:
+        return instances_from_border_core(semantic, self.hparams.small_center_threshold,
+                                          self.hparams.isolated_border_threshold)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hparams.num_epochs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+# --------------------------------------------------------------------------------------------------------- postprocessing
+
+def instances_from_border_core(semantic: np.ndarray, small_center_threshold: int = 30,
+                               isolated_border_threshold: int = 15) -> np.ndarray:
+    """Instance map (uint32, labels 1..N) from a 2-D border-core map (0 background, 1 core, 2 border).
+
+    Pixel for pixel the output of acvl-utils 0.2.6 `convert_semantic_to_instanceseg(semantic[None],
+    small_center_threshold=30, isolated_border_as_separate_instance_threshold=15)[0]`, computed for all cells at once:
+    cores of at most `small_center_threshold` px become border; the remaining 4-connected cores are the seeds, numbered
+    in raster order; a 4-connected foreground component without a seed becomes an instance of its own (numbered after
+    the seeds) if it has more than `isolated_border_threshold` px; every other border pixel takes the seed nearest to it
+    along 4-connected paths inside its component, ties going to the higher seed label. The input is not modified.
+    """
+    semantic = np.asarray(semantic)
+    if semantic.ndim != 2:
+        raise ValueError(f"instances_from_border_core expects a 2-D map, got shape {semantic.shape}")
+    core = semantic == CORE
+    core_labels, n_cores = ndimage.label(core, CROSS)
+    core_sizes = np.bincount(core_labels.ravel(), minlength=n_cores + 1)
+    core &= core_sizes[core_labels] > small_center_threshold
+    seeds, n_seeds = ndimage.label(core, CROSS)
+
+    foreground = (semantic == CORE) | (semantic == BORDER)
+    components, n_components = ndimage.label(foreground, CROSS)
+    component_sizes = np.bincount(components.ravel(), minlength=n_components + 1)
+    has_seed = np.zeros(n_components + 1, bool)
+    has_seed[components[core]] = True
+    has_seed[0] = False
+
+    # Seedless components large enough become instances, numbered after the seeds in component (raster) order.
+    isolated = ~has_seed & (component_sizes > isolated_border_threshold)
+    isolated[0] = False
+    isolated_label = np.zeros(n_components + 1, np.int64)
+    isolated_label[isolated] = n_seeds + 1 + np.arange(isolated.sum())
+
+    # Grow the seeds into the border of their components one ring at a time. A pixel reached in ring k takes the
+    # highest label among its already labelled 4-neighbours: those all sit at distance k - 1 from their seeds, so
+    # this is "nearest seed, ties to the higher label", the same as the reference's repeated grey dilation.
+    labels = seeds.astype(np.int64)
+    unlabelled = foreground & has_seed[components] & (labels == 0)
+    while unlabelled.any():
+        rows, cols = np.nonzero(unlabelled)
+        padded = np.pad(labels, 1)
+        neighbour_max = np.maximum.reduce([padded[rows, cols + 1], padded[rows + 2, cols + 1],
+                                           padded[rows + 1, cols], padded[rows + 1, cols + 2]])
+        reached = neighbour_max > 0
+        if not reached.any():  # cannot happen (every such pixel is connected to a seed); never loop forever
+            break
+        labels[rows[reached], cols[reached]] = neighbour_max[reached]
+        unlabelled[rows[reached], cols[reached]] = False
+
+    labels += isolated_label[components]
+    return labels.astype(np.uint32)
+
+
+# -------------------------------------------------------------------------------------------------------------- inference
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@torch.inference_mode()
+def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device = "auto",
+                                                   output_size: tuple[int, int] = SCORE_SIZE):
+    """Run the model over a loader of (images, indices) batches; yield (index, instance map at output_size).
+
+    The model runs on the GPU when there is one (the baseline left it on the CPU), in mixed precision there.
+    """
+    device = pick_device(device) if isinstance(device, str) else device
+    model = model.to(device).eval()
+    for images, indices in loader:
+        with torch.autocast(device.type, enabled=device.type == "cuda"):
+            semantic = model(images.to(device, non_blocking=True)).argmax(1).cpu().numpy()
+        for index, semantic_map in zip(indices.tolist(), semantic):
+            yield index, resize_nearest(model.instances(semantic_map), output_size)
