@@ -148,7 +148,7 @@ def to_uint8_range(image: np.ndarray) -> np.ndarray:
     low, high = np.percentile(image, (0.1, 99.9))
     if high <= low:
         return np.zeros_like(image)
-    return np.clip((image - low) * (255.0 / (high - low)), 0, 255)
+    return np.clip((image - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)
 
 
 # ---------------------------------------------------------------------------------------------------- targets and resizing

@@ -22,7 +22,7 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, cutoff: float = DICE_CUTOF
     """Greedy Dice matching of acvl-utils' `match_instances_dice`: repeatedly the pair with the highest Dice above
     `cutoff`, both then removed; ties go to the lower GT label, then the lower predicted label.
 
-    Returns (Dice of each matched pair in matching order, number of GT instances, number of predicted instances).
+    Returns ([(GT label, predicted label, Dice) of each match, in matching order], GT count, predicted count).
     Works on the table of overlapping label pairs, so the cost is one pass over the pixels plus O(pairs).
     """
     gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
@@ -43,13 +43,14 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, cutoff: float = DICE_CUTOF
 
     candidates = np.flatnonzero(dice > cutoff)
     order = candidates[np.lexsort((pair_pred[candidates], pair_gt[candidates], -dice[candidates]))]
-    gt_taken, pred_taken, matched = np.zeros(n_gt, bool), np.zeros(n_pred, bool), []
+    gt_taken, pred_taken, matches = np.zeros(n_gt, bool), np.zeros(n_pred, bool), []
+    gt_labels, pred_labels = gt_ids[gt_ids != 0], pred_ids[pred_ids != 0]
     for k in order:  # O(overlapping pairs), a few per cell
         g, p = pair_gt[k], pair_pred[k]
         if not gt_taken[g] and not pred_taken[p]:
             gt_taken[g] = pred_taken[p] = True
-            matched.append(dice[k])
-    return np.array(matched, dtype=np.float64), n_gt, n_pred
+            matches.append((int(gt_labels[g]), int(pred_labels[p]), float(dice[k])))
+    return matches, n_gt, n_pred
 
 
 def instance_dice(gt: np.ndarray, pred: np.ndarray) -> float:
@@ -61,10 +62,10 @@ def instance_dice(gt: np.ndarray, pred: np.ndarray) -> float:
 
 def score_frame(gt: np.ndarray, pred: np.ndarray):
     """(score, GT count, predicted count, matched count) of one frame."""
-    matched, n_gt, n_pred = match_instances(gt, pred)
-    entries = n_gt + n_pred - len(matched)
-    score = float(matched.sum() / entries) if entries else 1.0
-    return score, n_gt, n_pred, len(matched)
+    matches, n_gt, n_pred = match_instances(gt, pred)
+    entries = n_gt + n_pred - len(matches)
+    score = sum(dice for _, _, dice in matches) / entries if entries else 1.0
+    return score, n_gt, n_pred, len(matches)
 
 
 def read_prediction(path: str) -> np.ndarray:

@@ -49,3 +49,30 @@ def write_dataset(root, sequences=("a", "b", "c"), unlabelled=("d",), frames=4, 
 @pytest.fixture
 def tiny_root(tmp_path):
     return write_dataset(tmp_path / "data")
+
+
+def dense_labels(seed, size=(256, 256), n_cells=120):
+    """A dense random label image: a Voronoi tessellation of random points, 1-px background gaps between some
+    neighbours and scattered background pixels, so instances touch, split and meet the image edge."""
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(seed)
+    points = rng.random((n_cells, 2)) * size
+    yy, xx = np.mgrid[: size[0], : size[1]]
+    distance, nearest = cKDTree(points).query(np.stack([yy.ravel(), xx.ravel()], 1), k=2)
+    labels = (nearest[:, 0] + 1).reshape(size).astype(np.uint32)
+    labels[((distance[:, 1] - distance[:, 0]) < rng.uniform(0, 2)).reshape(size)] = 0
+    labels[rng.random(size) < 0.003] = 0
+    return labels
+
+
+def noisy_border_core(seed, size=(256, 256), n_cells=120, noise=0.05):
+    """A border-core map as a model might predict it: exact targets of dense_labels with a fraction of pixels
+    replaced by random classes (cores split and merge, stray border appears)."""
+    from dataset import border_core_targets
+
+    semantic = border_core_targets(dense_labels(seed, size, n_cells))
+    rng = np.random.default_rng(seed + 1000)
+    flip = rng.random(size) < noise
+    semantic[flip] = rng.integers(0, 3, flip.sum())
+    return semantic

@@ -1,0 +1,103 @@
+"""The three scripts end to end on a tiny dataset written here: train 2 epochs (loss falls) -> inference -> eval."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+
+from conftest import ROOT, write_dataset
+from inference import narrowest_unsigned, write_tiff_atomically
+from eval import evaluate
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                            text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    root = write_dataset(tmp / "data", sequences=("a", "b", "c"), unlabelled=("d", "e"), frames=6, shape=(90, 110))
+    out = tmp / "run"
+    run("train.py", "--root_dir", root, "--num_epochs", 2, "--batch_size", 4, "--input_size", 64,
+        "--num_workers", 0, "--out_dir", out)
+    return root, out, tmp
+
+
+def test_training_loss_falls_and_checkpoints_are_written(trained):
+    _, out, _ = trained
+    metrics = pd.read_csv(out / "metrics.csv")
+    train_loss = metrics.dropna(subset=["train_loss"]).set_index("epoch")["train_loss"]
+    assert list(train_loss.index) == [0, 1] and train_loss[1] < train_loss[0]
+    val = metrics.dropna(subset=["val_instance_dice"])
+    assert list(val["epoch"]) == [0, 1] and val["val_instance_dice"].between(0, 1).all()
+    assert {"val_loss", "val_iou"} <= set(metrics.columns)
+    assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+
+
+def test_inference_then_eval(trained):
+    root, out, tmp = trained
+    pred = tmp / "pred"
+    run("inference.py", "--root_dir", root, "--seqs", "c,d", "--from_checkpoint", out / "checkpoints" / "best.ckpt",
+        "--pred_dir", pred, "--num_workers", 0, "--batch_size", 4)
+    for seq in ("c", "d"):
+        files = sorted(os.listdir(pred / seq))
+        assert files == [f"t{i:04d}_256.tif" for i in range(6)]
+        for name in files:
+            labels = tifffile.imread(pred / seq / name)
+            assert labels.shape == (256, 256) and labels.dtype.kind == "u"
+    stdout = run("eval.py", "--pred_dir", pred, "--gt_dir", root)
+    line = [l for l in stdout.splitlines() if l.startswith("Mean Instance Dice: ")]
+    assert len(line) == 1 and 0 <= float(line[0].split(": ")[1]) <= 1
+    table = pd.read_csv(pred / "instance_dice.csv")
+    assert list(table.columns) == ["sequence", "frame", "score", "gt_count", "pred_count", "matched"]
+    assert list(table["sequence"]) == ["c"] * 6 and list(table["frame"]) == list(range(6))  # d has no GT
+    assert abs(table["score"].mean() - float(line[0].split(": ")[1])) < 1e-6
+
+
+def test_resume_refuses_to_overwrite_and_continues(trained):
+    root, out, _ = trained
+    result = subprocess.run([sys.executable, "train.py", "--root_dir", root, "--out_dir", out], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "already holds a run" in result.stderr
+    run("train.py", "--root_dir", root, "--num_epochs", 3, "--batch_size", 4, "--input_size", 64,
+        "--num_workers", 0, "--out_dir", out, "--resume")
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert sorted(metrics.dropna(subset=["train_loss"])["epoch"]) == [0, 1, 2]  # old rows kept, one new epoch
+
+
+def test_eval_scores_a_missing_prediction_zero_and_names_it(tmp_path):
+    root = write_dataset(tmp_path / "data", sequences=("c",), unlabelled=(), frames=3)
+    pred = tmp_path / "pred" / "c"
+    pred.mkdir(parents=True)
+    for t in (0, 2):  # a perfect prediction for frames 0 and 2, none for frame 1
+        from dataset import resize_nearest
+        gt = tifffile.imread(os.path.join(root, "c_GT", f"man_seg{t:04d}.tif"))
+        tifffile.imwrite(pred / f"t{t:04d}_256.tif", resize_nearest(gt, (256, 256)))
+    with pytest.warns(UserWarning, match=r"1 frame\(s\) without a prediction score 0: .*c/t0001_256\.tif"):
+        table = evaluate(str(tmp_path / "pred"), root)
+    assert list(table["score"]) == [1.0, 0.0, 1.0] and table["gt_count"].iloc[1] == 6
+
+
+def test_label_dtype_is_wide_enough():
+    assert narrowest_unsigned(np.array([0, 255])).dtype == np.uint8
+    assert narrowest_unsigned(np.array([0, 256])).dtype == np.uint16
+    assert narrowest_unsigned(np.array([70000])).dtype == np.uint32
+
+
+def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    def broken(path, array):
+        with open(path, "wb") as file:
+            file.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tifffile, "imwrite", broken)
+    with pytest.raises(OSError):
+        write_tiff_atomically(str(tmp_path / "t0000_256.tif"), np.zeros((4, 4), np.uint8))
+    assert os.listdir(tmp_path) == []
