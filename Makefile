@@ -1,19 +1,50 @@
-# Two commands on a fresh machine:  make demo  (issue 3)  |  make test
+# The two commands on a fresh machine:
+#   make demo   install, simulate a small colony dataset, train, predict sequence c, score it, draw pictures
+#   make test   install (with the test extras) and run the test suite (.ci/run calls this)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install clean
+# demo settings: 5 simulated sequences of 40 frames at 192 x 192, trained at that size on CPU (GPU when present)
+DEMO_DATA ?= demo_data
+DEMO_RUN ?= runs/demo
+DEMO_PRED ?= pred/demo
+DEMO_EPOCHS ?= 8
+PICTURES ?= $(DEMO_RUN)/pictures
 
-$(VENV)/.installed-test: requirements.txt requirements-test.txt
+.PHONY: demo test install install-test readme-imgs clean
+
+$(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-test.txt
 	touch $@
 
-install: $(VENV)/.installed-test
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q tests
 
+demo: $(VENV)/.installed
+	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_PRED)
+	$(PY) simulate.py --out_dir $(DEMO_DATA) --sequences 5 --frames 40 --size 192 --seed 0
+	$(PY) train.py --root_dir $(DEMO_DATA) --out_dir $(DEMO_RUN) --num_epochs $(DEMO_EPOCHS) --batch_size 8 \
+		--input_size 192
+	$(PY) inference.py --root_dir $(DEMO_DATA) --split val --from_checkpoint $(DEMO_RUN)/checkpoints/best.ckpt \
+		--pred_dir $(DEMO_PRED)
+	$(PY) eval.py --pred_dir $(DEMO_PRED) --gt_dir $(DEMO_DATA)
+	$(PY) pictures.py sample --root_dir $(DEMO_DATA) --seq c --frame 39 --out_dir $(PICTURES)
+	$(PY) pictures.py overlay --root_dir $(DEMO_DATA) --pred_dir $(DEMO_PRED) --seq c --frames 20,39 \
+		--out_dir $(PICTURES)
+	$(PY) pictures.py curves --metrics $(DEMO_RUN)/metrics.csv --out $(PICTURES)/curves.png
+
+# the README's pictures are the demo's: make readme-imgs reruns the demo drawing into readme_imgs/
+readme-imgs:
+	$(MAKE) demo PICTURES=readme_imgs
+
 clean:
-	rm -rf $(VENV) runs pred
+	rm -rf $(VENV) runs pred $(DEMO_DATA)

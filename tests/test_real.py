@@ -3,45 +3,60 @@
 uint16 frames of 218 x 282 px: neither square nor multiples of 8, as real data is.
 """
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tifffile
 
-from conftest import SHARED_REAL
+from conftest import ROOT, SHARED_REAL
+from dataset import list_frames
+from import_sequence import import_sequence
 from test_pipeline import run
 
 TRPL = os.path.join(SHARED_REAL, "trpL")
 pytestmark = pytest.mark.skipif(not os.path.isdir(TRPL), reason=f"real sample not present at {TRPL} (../shared/real)")
 CROP = (218, 282)
+IMAGES, MASKS = os.path.join(TRPL, "trpL_150310-11_img.tif"), os.path.join(TRPL, "trpL_150310-11_mask.tif")
+
+
+def test_importer_follows_the_colony(tmp_path):
+    stdout = run("import_sequence.py", "--images", IMAGES, "--masks", MASKS, "--root_dir", tmp_path, "--name", "trpL",
+                 "--crop", 320, 320)
+    assert "wrote 20 frames" in stdout
+    frames = list_frames(str(tmp_path), "trpL", with_masks=True)
+    assert len(frames) == 20
+    full = tifffile.imread(MASKS)
+    for t, frame in enumerate(frames):
+        image, mask = tifffile.imread(frame.image_path), tifffile.imread(frame.mask_path)
+        assert image.shape == mask.shape == (320, 320) and image.dtype == np.uint16 and mask.dtype == np.uint16
+        # the window holds every labelled cell of the frame: same label set, same pixel count
+        assert set(np.unique(mask)) == set(np.unique(full[t])) and (mask > 0).sum() == (full[t] > 0).sum()
+    # the colony drifts ~700 px: the windows move with it
+    assert np.abs(tifffile.imread(frames[0].image_path).astype(int) - tifffile.imread(frames[19].image_path)).mean() > 0
+    again = subprocess.run([sys.executable, "import_sequence.py", "--images", IMAGES, "--root_dir", str(tmp_path),
+                            "--name", "trpL"], capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode != 0 and "already exists" in again.stderr
 
 
 def write_crops(root):
-    images = tifffile.imread(os.path.join(TRPL, "trpL_150310-11_img.tif"))
-    masks = tifffile.imread(os.path.join(TRPL, "trpL_150310-11_mask.tif"))
-    sequences = {"a": range(0, 7), "b": range(7, 13), "c": range(13, 20)}
-    for seq, frames in sequences.items():
-        os.makedirs(os.path.join(root, seq)), os.makedirs(os.path.join(root, f"{seq}_GT"))
-        for t in frames:
-            rows, cols = np.nonzero(masks[t])
-            top = int(np.clip((rows.min() + rows.max()) // 2 - CROP[0] // 2, 0, masks.shape[1] - CROP[0]))
-            left = int(np.clip((cols.min() + cols.max()) // 2 - CROP[1] // 2, 0, masks.shape[2] - CROP[1]))
-            window = np.s_[top: top + CROP[0], left: left + CROP[1]]
-            tifffile.imwrite(os.path.join(root, seq, f"t{t:04d}.tif"), images[t][window])
-            tifffile.imwrite(os.path.join(root, f"{seq}_GT", f"man_seg{t:04d}.tif"), masks[t][window])
+    """trpL split into a (frames 0-6), b (7-12) and c (13-19), each cropped around the colony by the importer."""
+    for seq, frames in {"a": slice(0, 7), "b": slice(7, 13), "c": slice(13, 20)}.items():
+        import_sequence(IMAGES, str(root), seq, MASKS, crop=CROP, frames=frames)
     return str(root)
 
 
 def test_real_sample_end_to_end(tmp_path):
     root = write_crops(tmp_path / "trpL")
-    assert tifffile.imread(os.path.join(root, "c", "t0019.tif")).dtype == np.uint16
+    assert tifffile.imread(os.path.join(root, "c", "t0006.tif")).dtype == np.uint16
     run("train.py", "--root_dir", root, "--num_epochs", 1, "--batch_size", 4, "--input_size", 128,
         "--num_workers", 0, "--out_dir", tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     run("inference.py", "--root_dir", root, "--split", "val", "--from_checkpoint",
         tmp_path / "run" / "checkpoints" / "last.ckpt", "--pred_dir", tmp_path / "pred", "--num_workers", 0)
     predictions = sorted(os.listdir(tmp_path / "pred" / "c"))
-    assert predictions == [f"t{t:04d}_256.tif" for t in range(13, 20)]
+    assert predictions == [f"t{t:04d}_256.tif" for t in range(7)]  # the importer numbers from 0
     assert tifffile.imread(tmp_path / "pred" / "c" / predictions[0]).shape == (256, 256)
     stdout = run("eval.py", "--pred_dir", tmp_path / "pred", "--gt_dir", root)
     assert "Mean Instance Dice: " in stdout

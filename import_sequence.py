@@ -1,0 +1,150 @@
+"""Bring your own movie into the challenge layout, as one named sequence.
+
+    python import_sequence.py --images movie.tif --masks masks.tif --root_dir data --name a
+    python import_sequence.py --images frames/ --masks masks/ --root_dir data --name c --crop 320 320
+    python import_sequence.py --images movie.tif --root_dir data --name d            # no GT: a test sequence
+    python import_sequence.py --images movie.tif --masks masks.tif --root_dir data --name b --frames 7:13
+
+--images / --masks: a multi-page TIFF stack (time on the first axis) or a folder of single-frame TIFFs, ordered by the
+last number in each file name (paired by that number when both are folders). Writes root_dir/<name>/t0000.tif ... and,
+with masks, root_dir/<name>_GT/man_seg0000.tif ...; images keep their dtype, masks become uint16 (uint32 above 65535
+labels). --crop H W cuts a window of H x W that follows the labelled colony: centred on the bounding box of each
+frame's mask (the last one seen for a frame without labels), shifted to stay inside the frame.
+
+The sequence is written to a temporary folder and moved into place when complete; an existing sequence is never
+overwritten.
+"""
+import argparse
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import numpy as np
+import tifffile
+
+from dataset import DataError, read_tiff_2d
+
+
+def frame_number(name: str):
+    numbers = re.findall(r"\d+", os.path.splitext(name)[0])
+    return int(numbers[-1]) if numbers else None
+
+
+def read_frames(path: str) -> tuple[list[int], list]:
+    """(frame numbers, 2-D arrays) of a TIFF stack or of a folder of single-frame TIFFs."""
+    if os.path.isdir(path):
+        names = [n for n in os.listdir(path) if n.lower().endswith((".tif", ".tiff"))]
+        if not names:
+            raise DataError(f"{path}: no TIFF file in the folder")
+        numbers = [frame_number(n) for n in names]
+        if None in numbers or len(set(numbers)) != len(numbers):
+            order = sorted(range(len(names)), key=lambda k: names[k])  # no usable numbers: by name
+            numbers = list(range(len(names)))
+        else:
+            order = sorted(range(len(names)), key=lambda k: numbers[k])
+        return [numbers[k] for k in order], [read_tiff_2d(os.path.join(path, names[k])) for k in order]
+    try:
+        stack = tifffile.imread(path)
+    except Exception as error:
+        raise DataError(f"{path}: unreadable TIFF ({error})") from error
+    stack = np.squeeze(stack)
+    if stack.ndim == 2:
+        stack = stack[None]
+    if stack.ndim != 3:
+        raise DataError(f"{path}: expected a stack of 2-D frames (T, H, W), got shape {stack.shape}")
+    return list(range(len(stack))), list(stack)
+
+
+def colony_windows(masks, crop):
+    """Per frame, the (top, left) of a crop x crop window centred on the labelled pixels' bounding box."""
+    windows, centre = [], None
+    for mask in masks:
+        rows, cols = np.nonzero(mask)
+        if len(rows):
+            centre = ((rows.min() + rows.max()) // 2, (cols.min() + cols.max()) // 2)
+        if centre is None:
+            centre = (mask.shape[0] // 2, mask.shape[1] // 2)
+        top = int(np.clip(centre[0] - crop[0] // 2, 0, mask.shape[0] - crop[0]))
+        left = int(np.clip(centre[1] - crop[1] // 2, 0, mask.shape[1] - crop[1]))
+        windows.append((top, left))
+    return windows
+
+
+def import_sequence(images_path: str, root_dir: str, name: str, masks_path: str | None = None, crop=None,
+                    frames: slice = slice(None)) -> int:
+    """Write one sequence in the challenge layout (`frames`: which of the input frames, in order); returns the number
+    of frames written."""
+    targets = [os.path.join(root_dir, name)] + ([os.path.join(root_dir, f"{name}_GT")] if masks_path else [])
+    for target in targets:
+        if os.path.exists(target):
+            raise DataError(f"{target}: already exists; choose another --name or remove it first")
+    numbers, images = read_frames(images_path)
+    numbers, images = numbers[frames], images[frames]
+    if not images:
+        raise DataError(f"{images_path}: no frame selected")
+    masks = None
+    if masks_path:
+        mask_numbers, masks = read_frames(masks_path)
+        mask_numbers, masks = mask_numbers[frames], masks[frames]
+        if mask_numbers != numbers:
+            missing = sorted(set(numbers) ^ set(mask_numbers))
+            raise DataError(f"{masks_path}: frames do not pair with {images_path} (unpaired frame numbers {missing[:10]})")
+        for number, image, mask in zip(numbers, images, masks):
+            if mask.shape != image.shape:
+                raise DataError(f"{masks_path}: frame {number} mask size {mask.shape} differs from image {image.shape}")
+            if not np.issubdtype(mask.dtype, np.integer):
+                raise DataError(f"{masks_path}: frame {number}: instance labels must be integers, got {mask.dtype}")
+    if crop is not None:
+        if masks is None:
+            raise DataError("--crop follows the labelled colony and needs --masks")
+        height, width = images[0].shape
+        if crop[0] > height or crop[1] > width:
+            raise DataError(f"{images_path}: crop {tuple(crop)} is larger than the frames ({height}, {width})")
+        windows = [np.s_[top:top + crop[0], left:left + crop[1]] for top, left in colony_windows(masks, crop)]
+        images = [image[w] for image, w in zip(images, windows)]
+        masks = [mask[w] for mask, w in zip(masks, windows)]
+
+    os.makedirs(root_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(dir=root_dir, prefix=f".import-{name}-")
+    try:
+        os.makedirs(os.path.join(staging, "images")), os.makedirs(os.path.join(staging, "masks"))
+        for t, image in enumerate(images):
+            tifffile.imwrite(os.path.join(staging, "images", f"t{t:04d}.tif"), image)
+        if masks is not None:
+            label_dtype = np.uint16 if max(int(m.max()) for m in masks) <= np.iinfo(np.uint16).max else np.uint32
+            for t, mask in enumerate(masks):
+                tifffile.imwrite(os.path.join(staging, "masks", f"man_seg{t:04d}.tif"), mask.astype(label_dtype))
+            os.replace(os.path.join(staging, "masks"), targets[1])
+        os.replace(os.path.join(staging, "images"), targets[0])
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return len(images)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", required=True, help="TIFF stack or folder of single-frame TIFFs")
+    parser.add_argument("--masks", default=None, help="instance masks, same form; omit for a sequence without GT")
+    parser.add_argument("--root_dir", required=True, help="data root to write into (challenge layout)")
+    parser.add_argument("--name", required=True, help="sequence name, e.g. a, c or trpL")
+    parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
+                        help="cut an H x W window that follows the labelled colony")
+    parser.add_argument("--frames", default=":", help="START:STOP, a range of the input frames (default: all)")
+    args = parser.parse_args(argv)
+    try:
+        start, _, stop = args.frames.partition(":")
+        frames = slice(int(start) if start else None, int(stop) if stop else None)
+    except ValueError:
+        parser.error(f"--frames must be START:STOP, got {args.frames}")
+    try:
+        count = import_sequence(args.images, args.root_dir, args.name, args.masks, args.crop, frames)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+    print(f"wrote {count} frames to {os.path.join(args.root_dir, args.name)}"
+          + (f" and {args.name}_GT" if args.masks else ""))
+
+
+if __name__ == "__main__":
+    main()
