@@ -30,6 +30,7 @@ DEFAULT_SEQUENCES = {
 
 BACKGROUND, CORE, BORDER = 0, 1, 2
 BORDER_WIDTH = 4  # erosions with the 3 x 3 cross, SPEC §2
+CROSS_STRUCTURE = ndimage.generate_binary_structure(2, 1)
 
 
 class DataError(ValueError):
@@ -156,25 +157,27 @@ def to_uint8_range(image: np.ndarray) -> np.ndarray:
 def border_core_targets(labels: np.ndarray) -> np.ndarray:
     """Border-core map of an instance mask (SPEC §2): 0 background, 1 core, 2 border.
 
-    The baseline erodes each instance 4 times with the 3 x 3 cross, the image edge not eroding. Four cross erosions
-    are one erosion with the city-block diamond of radius 4, so a pixel is core exactly when every in-image pixel
-    within city-block distance 4 carries its own label: the minimum and maximum of the label image over that diamond
-    are equal. mode='nearest' only repeats in-image values that already lie inside the diamond, so pixels beyond the
-    edge are ignored, which is the baseline's "edge does not erode". All instances at once, no loop over cells.
+    The baseline erodes each instance 4 times with the 3 x 3 cross, the image edge not eroding: a pixel is core when
+    every in-image pixel within city-block distance 4 carries its label. Computed for all instances at once: a pixel
+    is "uniform" when it is foreground and its in-image 4-neighbours carry its label; a pixel is core when every
+    in-image pixel within distance 3 is uniform (3 binary erosions with the cross, beyond the edge counting as
+    uniform). Chaining the equal-neighbour steps gives the same set as the distance-4 rule, with boolean work only.
     """
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"border_core_targets expects a 2-D label image, got shape {labels.shape}")
-    if labels.dtype == bool:
-        labels = labels.astype(np.uint8)
-    diamond = ndimage.generate_binary_structure(2, 1)
-    diamond = ndimage.iterate_structure(diamond, BORDER_WIDTH)
-    low = ndimage.minimum_filter(labels, footprint=diamond, mode="nearest")
-    high = ndimage.maximum_filter(labels, footprint=diamond, mode="nearest")
-    targets = np.zeros(labels.shape, dtype=np.uint8)
     foreground = labels > 0
-    targets[foreground] = BORDER
-    targets[foreground & (low == high)] = CORE
+    uniform = foreground.copy()
+    # compare with each 4-neighbour; along the edge there is no neighbour, which never breaks uniformity
+    same_horizontal = labels[:, 1:] == labels[:, :-1]
+    same_vertical = labels[1:, :] == labels[:-1, :]
+    uniform[:, 1:] &= same_horizontal
+    uniform[:, :-1] &= same_horizontal
+    uniform[1:, :] &= same_vertical
+    uniform[:-1, :] &= same_vertical
+    core = ndimage.binary_erosion(uniform, CROSS_STRUCTURE, iterations=BORDER_WIDTH - 1, border_value=1)
+    targets = foreground.astype(np.uint8) * BORDER
+    targets[core] = CORE
     return targets
 
 

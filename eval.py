@@ -18,6 +18,26 @@ PREDICTION_PATTERN = re.compile(r"^t(\d+)_256\.tiff?$")
 DICE_CUTOFF = 0.1
 
 
+def dense_index(labels: np.ndarray):
+    """(sorted non-zero labels, index of each pixel's label among them, -1 for background). A lookup table when the
+    labels are small integers (the usual case), a sort otherwise."""
+    if labels.dtype == bool or labels.dtype.itemsize == 8:  # bincount takes neither bool nor uint64
+        labels = labels.astype(np.int64)
+    if labels.size and labels.min() < 0:
+        raise ValueError(f"negative instance label {labels.min()}")
+    top = int(labels.max(initial=0))
+    if top <= 4 * labels.size + 65536:
+        present = np.bincount(labels, minlength=top + 1) > 0
+        present[0] = False
+        lookup = np.full(top + 1, -1, np.int64)
+        lookup[present] = np.arange(present.sum())
+        return np.flatnonzero(present), lookup[labels]
+    ids, index = np.unique(labels, return_inverse=True)
+    if ids[0] == 0:
+        return ids[1:], index - 1
+    return ids, index
+
+
 def match_instances(gt: np.ndarray, pred: np.ndarray, cutoff: float = DICE_CUTOFF):
     """Greedy Dice matching of acvl-utils' `match_instances_dice`: repeatedly the pair with the highest Dice above
     `cutoff`, both then removed; ties go to the lower GT label, then the lower predicted label.
@@ -28,23 +48,26 @@ def match_instances(gt: np.ndarray, pred: np.ndarray, cutoff: float = DICE_CUTOF
     gt, pred = np.asarray(gt).ravel(), np.asarray(pred).ravel()
     if gt.shape != pred.shape:
         raise ValueError(f"GT and prediction differ in size: {gt.shape} vs {pred.shape}")
-    gt_ids, gt_index = np.unique(gt, return_inverse=True)
-    pred_ids, pred_index = np.unique(pred, return_inverse=True)
-    # index 0 stands for background when label 0 is present; shift so that instances count from 0
-    gt_index, pred_index = gt_index - (gt_ids[0] == 0), pred_index - (pred_ids[0] == 0)
-    n_gt, n_pred = int((gt_ids != 0).sum()), int((pred_ids != 0).sum())
+    gt_labels, gt_index = dense_index(gt)
+    pred_labels, pred_index = dense_index(pred)
+    n_gt, n_pred = len(gt_labels), len(pred_labels)
     gt_sizes = np.bincount(gt_index[gt_index >= 0], minlength=n_gt)
     pred_sizes = np.bincount(pred_index[pred_index >= 0], minlength=n_pred)
 
     both = (gt_index >= 0) & (pred_index >= 0)
-    pairs, overlap = np.unique(gt_index[both].astype(np.int64) * n_pred + pred_index[both], return_counts=True)
+    pair_codes = gt_index[both].astype(np.int64) * n_pred + pred_index[both]
+    if n_gt * n_pred <= 4 * pair_codes.size + 1_000_000:  # a dense table is cheap: count without sorting
+        overlap = np.bincount(pair_codes, minlength=n_gt * n_pred)
+        pairs = np.flatnonzero(overlap)
+        overlap = overlap[pairs]
+    else:
+        pairs, overlap = np.unique(pair_codes, return_counts=True)
     pair_gt, pair_pred = pairs // max(n_pred, 1), pairs % max(n_pred, 1)
     dice = 2 * overlap / (gt_sizes[pair_gt] + pred_sizes[pair_pred])
 
     candidates = np.flatnonzero(dice > cutoff)
     order = candidates[np.lexsort((pair_pred[candidates], pair_gt[candidates], -dice[candidates]))]
     gt_taken, pred_taken, matches = np.zeros(n_gt, bool), np.zeros(n_pred, bool), []
-    gt_labels, pred_labels = gt_ids[gt_ids != 0], pred_ids[pred_ids != 0]
     for k in order:  # O(overlapping pairs), a few per cell
         g, p = pair_gt[k], pair_pred[k]
         if not gt_taken[g] and not pred_taken[p]:
@@ -72,6 +95,8 @@ def read_prediction(path: str) -> np.ndarray:
     pred = read_tiff_2d(path)
     if not np.issubdtype(pred.dtype, np.integer):
         raise DataError(f"{path}: predicted instance labels must be integers, got dtype {pred.dtype}")
+    if pred.size and pred.min() < 0:
+        raise DataError(f"{path}: negative instance label {pred.min()}")
     return pred
 
 

@@ -65,3 +65,15 @@ def test_equals_acvl_utils_matching_on_dense_random_frames(seed):
     assert [(g, p) for g, p, _ in ours] == [(g, p) for g, p, _ in matched]
     np.testing.assert_allclose([d for *_, d in ours], [d for *_, d in matched], rtol=0, atol=1e-12)
     assert abs(instance_dice(gt, pred) - np.mean([m[2] for m in reference])) < 1e-9
+
+
+def test_label_dtypes_and_huge_label_values():
+    gt = dense_labels(3, size=(48, 64), n_cells=20)
+    pred = gt.copy()
+    pred[:, :10] = 0
+    expected = instance_dice(gt, pred)
+    for dtype in (np.uint8, np.uint16, np.int32, np.uint64, np.int64):
+        assert instance_dice(gt.astype(dtype), pred.astype(dtype)) == expected
+    sparse = np.where(pred > 0, pred.astype(np.uint64) + 2 ** 40, 0)  # label values far above the pixel count
+    assert instance_dice(gt, sparse) == expected
+    assert instance_dice(gt > 0, pred > 0) == instance_dice((gt > 0).astype(np.uint8), (pred > 0).astype(np.uint8))
