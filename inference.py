@@ -9,9 +9,12 @@ nearest neighbour, in the narrowest unsigned dtype that holds the frame's labels
 name and renamed, so a file is either whole or absent.
 """
 import argparse
+import multiprocessing
 import os
 import sys
 import tempfile
+import time
+from collections import deque
 
 import numpy as np
 import tifffile
@@ -19,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import DataError, UnlabelledFrames, default_sequences, list_frames
-from unet import UNet, pick_device, predict_instance_segmentation_from_border_core
+from unet import SCORE_SIZE, UNet, border_core_maps, instances_at_size, pick_device
 
 
 def narrowest_unsigned(labels: np.ndarray) -> np.ndarray:
@@ -41,15 +44,34 @@ def write_tiff_atomically(path: str, array: np.ndarray):
         raise
 
 
+def write_instances(semantic: np.ndarray, path: str, small_center_threshold: int, isolated_border_threshold: int):
+    """Postprocess one border-core map and write its 256 x 256 instance map (runs in the pool's processes)."""
+    instances = instances_at_size(semantic, SCORE_SIZE, small_center_threshold, isolated_border_threshold)
+    write_tiff_atomically(path, narrowest_unsigned(instances))
+
+
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
-                     device: torch.device) -> int:
+                     device: torch.device, pool=None) -> int:
+    """Predict every frame of one sequence. The model runs in this process; postprocessing and writing run in `pool`
+    (a multiprocessing pool, or inline without one), so they overlap with the model's next batches."""
     frames = list_frames(root_dir, sequence, with_masks=False)
     loader = DataLoader(UnlabelledFrames(frames, model.hparams.input_size), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
-    for index, instances in predict_instance_segmentation_from_border_core(model, loader, device):
-        write_tiff_atomically(os.path.join(out_folder, f"{frames[index].name}_256.tif"), narrowest_unsigned(instances))
+    thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
+    pending = deque()
+    for indices, maps in border_core_maps(model, loader, device):
+        jobs = [(m, os.path.join(out_folder, f"{frames[i].name}_256.tif"), *thresholds) for i, m in zip(indices, maps)]
+        if pool is None:
+            for job in jobs:
+                write_instances(*job)
+            continue
+        pending.append(pool.starmap_async(write_instances, jobs))
+        while len(pending) > 4:  # bounded: the model may run ahead of the pool by a few batches only
+            pending.popleft().get()  # .get() also raises a worker's error here
+    for result in pending:
+        result.get()
     return len(frames)
 
 
@@ -62,22 +84,35 @@ def main(argv=None):
     parser.add_argument("--from_checkpoint", required=True, help="a .ckpt written by train.py")
     parser.add_argument("--pred_dir", default="pred")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+                        help="loader processes that read and resize frames")
+    parser.add_argument("--postprocess_workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="processes that turn border-core maps into instances and write them (0: inline)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
     args = parser.parse_args(argv)
 
     if not os.path.isfile(args.from_checkpoint):
         sys.exit(f"error: {args.from_checkpoint}: checkpoint not found")
     device = pick_device(args.device)
+    # fork the pool before CUDA is initialised: its processes only run numpy/scipy and never touch the GPU
+    pool = multiprocessing.get_context("fork").Pool(args.postprocess_workers) if args.postprocess_workers else None
     model = UNet.load_from_checkpoint(args.from_checkpoint, map_location=device)
+    start, total = time.perf_counter(), 0
     try:
         sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
         for sequence in sequences:
             count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
-                                     args.num_workers, device)
+                                     args.num_workers, device, pool)
+            total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
     except DataError as error:
         sys.exit(f"error: {error}")
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    seconds = time.perf_counter() - start
+    print(f"{total} frames in {seconds:.1f} s ({total / seconds:.2f} frames/s) on {device}")
 
 
 if __name__ == "__main__":

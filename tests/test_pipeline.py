@@ -101,3 +101,36 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_tiff_atomically(str(tmp_path / "t0000_256.tif"), np.zeros((4, 4), np.uint8))
     assert os.listdir(tmp_path) == []
+
+
+def test_pooled_postprocessing_equals_inline(trained):
+    """The overlapped paths (process pool) write and yield exactly what the straightforward inline path does."""
+    import multiprocessing
+
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dataset import UnlabelledFrames, list_frames
+    from unet import UNet, instances_at_size, predict_instance_segmentation_from_border_core
+
+    root, out, tmp = trained
+    checkpoint = out / "checkpoints" / "last.ckpt"
+    for workers in (0, 2):
+        run("inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint, "--pred_dir",
+            tmp / f"pred_{workers}", "--num_workers", 0, "--batch_size", 4, "--postprocess_workers", workers)
+    for t in range(6):
+        inline = tifffile.imread(tmp / "pred_0" / "c" / f"t{t:04d}_256.tif")
+        pooled = tifffile.imread(tmp / "pred_2" / "c" / f"t{t:04d}_256.tif")
+        np.testing.assert_array_equal(inline, pooled)
+
+    model = UNet.load_from_checkpoint(checkpoint, map_location="cpu")
+    loader = DataLoader(UnlabelledFrames(list_frames(root, "c", with_masks=False), 64), batch_size=4)
+    serial = list(predict_instance_segmentation_from_border_core(model, loader, "cpu"))
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        pooled = list(predict_instance_segmentation_from_border_core(model, loader, "cpu", pool=pool))
+    assert [i for i, _ in serial] == [i for i, _ in pooled] == list(range(6))
+    for (_, a), (_, b) in zip(serial, pooled):
+        np.testing.assert_array_equal(a, b)
+    with torch.inference_mode():
+        first = model(next(iter(loader))[0]).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(serial[0][1], instances_at_size(first))
