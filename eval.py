@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from dataset import MASK_PATTERN, DataError, _numbered_files, mask_dir, read_mask, read_tiff_2d, resize_nearest
+from energy import EnergyMeter
 
 PREDICTION_PATTERN = re.compile(r"^t(\d+)_256\.tiff?$")
 DICE_CUTOFF = 0.1
@@ -157,14 +158,17 @@ def main(argv=None):
                         help="comma-separated sequences to score (default: every sequence folder of pred_dir with GT)")
     parser.add_argument("--csv", default=None, help="per-frame scores (default: <pred_dir>/instance_dice.csv)")
     args = parser.parse_args(argv)
+    meter = EnergyMeter(gpus=[]).start()  # scoring runs on the CPU: RAPL where readable, else time
     try:
         table = evaluate(args.pred_dir, args.gt_dir, args.seqs.split(",") if args.seqs else None)
     except DataError as error:
         sys.exit(f"error: {error}")
+    meter.stop()
     write_csv_atomically(table, args.csv or os.path.join(args.pred_dir, "instance_dice.csv"))
     for sequence, scores in table.groupby("sequence")["score"]:
         print(f"sequence {sequence}: {len(scores)} frames, Instance Dice {scores.mean():.6f}")
     mean = table["score"].mean()
+    print(meter.report(frames=len(table)))
     print(f"Mean Instance Dice: {mean:.6f}")
     return mean
 

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import sys
 import tempfile
-import time
 from collections import deque
 
 import numpy as np
@@ -22,6 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset import DataError, UnlabelledFrames, default_sequences, list_frames
+from energy import EnergyMeter
 from unet import SCORE_SIZE, UNet, border_core_maps, instances_at_size, pick_device
 
 
@@ -94,10 +94,12 @@ def main(argv=None):
     if not os.path.isfile(args.from_checkpoint):
         sys.exit(f"error: {args.from_checkpoint}: checkpoint not found")
     device = pick_device(args.device)
+    # the meter counts this process's GPU, RAPL where readable, and the CPU time of the pool once it has exited
+    meter = EnergyMeter(gpus=[device.index or 0] if device.type == "cuda" else []).start()
     # fork the pool before CUDA is initialised: its processes only run numpy/scipy and never touch the GPU
     pool = multiprocessing.get_context("fork").Pool(args.postprocess_workers) if args.postprocess_workers else None
     model = UNet.load_from_checkpoint(args.from_checkpoint, map_location=device)
-    start, total = time.perf_counter(), 0
+    total = 0
     try:
         sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
         for sequence in sequences:
@@ -111,8 +113,8 @@ def main(argv=None):
         if pool is not None:
             pool.close()
             pool.join()
-    seconds = time.perf_counter() - start
-    print(f"{total} frames in {seconds:.1f} s ({total / seconds:.2f} frames/s) on {device}")
+    meter.stop()
+    print(f"{total} frames on {device}; {meter.report(frames=total)}")
 
 
 if __name__ == "__main__":

@@ -44,8 +44,8 @@ def test_training_loss_falls_and_checkpoints_are_written(trained):
 def test_inference_then_eval(trained):
     root, out, tmp = trained
     pred = tmp / "pred"
-    run("inference.py", "--root_dir", root, "--seqs", "c,d", "--from_checkpoint", out / "checkpoints" / "best.ckpt",
-        "--pred_dir", pred, "--num_workers", 0, "--batch_size", 4)
+    inference_out = run("inference.py", "--root_dir", root, "--seqs", "c,d", "--from_checkpoint",
+                        out / "checkpoints" / "best.ckpt", "--pred_dir", pred, "--num_workers", 0, "--batch_size", 4)
     for seq in ("c", "d"):
         files = sorted(os.listdir(pred / seq))
         assert files == [f"t{i:04d}_256.tif" for i in range(6)]
@@ -53,6 +53,11 @@ def test_inference_then_eval(trained):
             labels = tifffile.imread(pred / seq / name)
             assert labels.shape == (256, 256) and labels.dtype.kind == "u"
     stdout = run("eval.py", "--pred_dir", pred, "--gt_dir", root)
+    for output in (inference_out, stdout):  # energy or, where no counter is readable, plainly that it is not
+        energy = [l for l in output.splitlines() if "energy: " in l]
+        assert len(energy) == 1
+        if not os.path.exists("/sys/class/powercap"):  # no GPU is used here, so only RAPL could count
+            assert "energy: not measurable here;" in energy[0] and "frames in" in energy[0]
     line = [l for l in stdout.splitlines() if l.startswith("Mean Instance Dice: ")]
     assert len(line) == 1 and 0 <= float(line[0].split(": ")[1]) <= 1
     table = pd.read_csv(pred / "instance_dice.csv")

@@ -1,0 +1,298 @@
+"""Speed of every stage, each against its straightforward version in the same run, outputs checked equal.
+
+    python benchmark.py                                   # simulated dense 512 x 512 colony, CPU or GPU
+    python benchmark.py --root_dir DATA --seq c           # frames of your own data root (GT needed for the first rows)
+    python benchmark.py --json bench.json --frames 32
+
+Rows: border-core targets (vs a per-instance erosion loop), instances_from_border_core (vs acvl-utils 0.2.6),
+instance_dice (vs acvl-utils' matching), the training loader (cached vs decoding and computing targets per item) and
+the training step alone, and inference end to end (model + overlapped postprocessing and writing) vs the model alone.
+Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
+"""
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+import torch
+from scipy import ndimage
+from torch.utils.data import DataLoader, Dataset
+
+import simulate
+from dataset import (LabelledFrames, UnlabelledFrames, border_core_targets, list_frames, load_image, normalise,
+                     read_mask, resize_nearest)
+from eval import instance_dice
+from inference import predict_sequence
+from unet import UNet, border_core_maps, instances_from_border_core, pick_device
+
+from energy import EnergyMeter
+
+
+# ------------------------------------------------------------------------------------------ straightforward versions
+
+def border_core_targets_loop(labels):
+    """The baseline's way: erode each instance 4 times with the cross (edge not eroding), one instance at a time."""
+    cross = ndimage.generate_binary_structure(2, 1)
+    targets = np.zeros(labels.shape, np.uint8)
+    for label in np.unique(labels[labels > 0]):
+        mask = labels == label
+        targets[mask] = 2
+        targets[ndimage.binary_erosion(mask, cross, iterations=4, border_value=1)] = 1
+    return targets
+
+
+class DecodingFrames(Dataset):
+    """The straightforward loader: every item read from disk, targets by the per-instance loop, resized, each time."""
+
+    def __init__(self, frames, input_size):
+        self.frames, self.input_size = frames, input_size
+
+    def __len__(self):
+        return len(self.frames)
+
+    def __getitem__(self, index):
+        frame = self.frames[index]
+        image, shape = load_image(frame, self.input_size)
+        mask = read_mask(frame.mask_path, shape, frame.image_path)
+        size = (self.input_size, self.input_size)
+        target = resize_nearest(border_core_targets_loop(mask), size)
+        return (normalise(torch.from_numpy(image)[None]), torch.from_numpy(target.astype(np.int64)),
+                torch.from_numpy(resize_nearest(mask, (256, 256)).astype(np.int64)))
+
+
+# ------------------------------------------------------------------------------------------------------- measuring
+
+class Stage:
+    """Wall time, peak GPU memory and energy of one block (host memory: see peak_host_mib)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.peak_mib = 0.0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        self.meter = EnergyMeter(poll_seconds=None).start() if EnergyMeter else None
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
+        if self.meter:
+            self.meter.stop()
+        if self.device.type == "cuda":
+            self.peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
+
+    def energy_wh(self):
+        """Measured energy of the block (GPU + CPU counters), None where no counter is readable."""
+        return self.meter.read().energy_wh if self.meter else None
+
+
+def peak_host_mib(function, item) -> float:
+    """Peak memory that numpy and Python allocate while function(item) runs, in a separate pass: tracing slows
+    allocation-heavy code, so it is kept out of the timed runs."""
+    tracemalloc.start()
+    try:
+        function(item)
+        return tracemalloc.get_traced_memory()[1] / 2 ** 20
+    finally:
+        tracemalloc.stop()
+
+
+def timed(device, function, items, repeat=1):
+    """Run function over items (repeat times); return (seconds per item, Stage, outputs of the last pass)."""
+    with Stage(device) as stage:
+        for _ in range(repeat):
+            outputs = [function(item) for item in items]
+    stage.peak_mib = peak_host_mib(function, items[0])
+    return stage.seconds / (len(items) * repeat), stage, outputs
+
+
+def row(name, per_item, stage, baseline=None, note=""):
+    return {"stage": name, "frames_per_s": 1 / per_item, "ms_per_frame": 1000 * per_item,
+            "speedup": (baseline / per_item) if baseline else None, "peak_mib": stage.peak_mib,
+            "energy_wh": stage.energy_wh(), "note": note}
+
+
+# ----------------------------------------------------------------------------------------------------------- stages
+
+def dense_frames(root_dir, sequence, count, size, seed):
+    """(uint8 frames, label masks): the last, densest frames of a GT sequence, or of a simulated colony."""
+    if root_dir:
+        frames = list_frames(root_dir, sequence, with_masks=True)[-count:]
+        return frames, [read_mask(f.mask_path) for f in frames]
+    return None, [labels for _, labels, _ in simulate.simulate_sequence(120, (size, size), seed)][-count:]
+
+
+def predicted_like(labels, seed, noise=0.02):
+    """A border-core map as a trained model predicts it: the exact targets with a small share of pixels changed."""
+    semantic = border_core_targets(labels)
+    rng = np.random.default_rng(seed)
+    flip = rng.random(semantic.shape) < noise
+    semantic[flip] = rng.integers(0, 3, flip.sum())
+    return semantic
+
+
+def postprocessing_rows(masks, device):
+    rows = []
+    fast, stage, targets = timed(device, border_core_targets, masks, repeat=5)
+    slow, slow_stage, reference = timed(device, border_core_targets_loop, masks)
+    assert all((a == b).all() for a, b in zip(targets, reference)), "border_core_targets differs from the loop"
+    rows += [row("border-core targets, per-instance loop", slow, slow_stage),
+             row("border-core targets, all at once", fast, stage, slow, "identical output")]
+
+    maps = [predicted_like(m, k) for k, m in enumerate(masks)]
+    fast, stage, instances = timed(device, instances_from_border_core, maps, repeat=3)
+    try:
+        from acvl_utils.instance_segmentation.instance_as_semantic_seg import convert_semantic_to_instanceseg
+        from acvl_utils.instance_segmentation.instance_matching import match_instances_dice
+    except ImportError:
+        rows.append(row("instances_from_border_core", fast, stage, None, "acvl-utils not installed: no reference"))
+        rows.append(row("instance_dice", *timed(device, lambda p: instance_dice(*p), list(zip(masks, instances)))[:2],
+                        None, "acvl-utils not installed: no reference"))
+        return rows
+    slow, slow_stage, reference = timed(device, lambda s: convert_semantic_to_instanceseg(s[None].copy())[0], maps)
+    assert all((a == b).all() for a, b in zip(instances, reference)), "instances differ from acvl-utils"
+    rows += [row("instances, acvl-utils 0.2.6", slow, slow_stage),
+             row("instances_from_border_core", fast, stage, slow, "identical output")]
+
+    pairs = [(m.astype(np.uint32), p) for m, p in zip(masks, instances)]
+    fast, stage, scores = timed(device, lambda p: instance_dice(*p), pairs, repeat=3)
+    slow, slow_stage, matches = timed(device, lambda p: match_instances_dice(*p), pairs)
+    reference_scores = [np.mean([m[2] for m in match]) for match in matches]
+    assert np.allclose(scores, reference_scores, rtol=0, atol=1e-9), "instance_dice differs from acvl-utils"
+    rows += [row("Instance Dice, acvl-utils matching", slow, slow_stage),
+             row("instance_dice", fast, stage, slow, "equal to 1e-9")]
+    return rows
+
+
+def loader_and_step_rows(root, sequence, input_size, batch_size, device, workers):
+    frames = list_frames(root, sequence, with_masks=True)
+    rows = []
+    with Stage(device) as cache_stage:
+        cached = LabelledFrames(frames, input_size, train=True)
+
+    def loader_speed(dataset, epochs):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                            persistent_workers=workers > 0)
+        for _ in loader:  # warm-up epoch: worker start-up is not what is measured
+            pass
+        with Stage(device) as stage:
+            for _ in range(epochs):
+                for _ in loader:
+                    pass
+        stage.peak_mib = peak_host_mib(dataset.__getitem__, 0)
+        return stage.seconds / (epochs * len(dataset)), stage
+
+    slow, slow_stage = loader_speed(DecodingFrames(frames, input_size), 1)
+    fast, stage = loader_speed(cached, 3)
+    stage.peak_mib += (cached.images.nbytes + cached.targets.nbytes + cached.instances.nbytes) / 2 ** 20
+    rows += [row("training loader, decode + loop targets per item", slow, slow_stage, note=f"{workers} workers"),
+             row("training loader, prepared once and cached", fast, stage, slow,
+                 f"{workers} workers; one-off preparation {1000 * cache_stage.seconds / len(frames):.1f} ms/frame; "
+                 "memory includes the cache")]
+
+    model = UNet(input_size=input_size).to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batch = next(iter(DataLoader(cached, batch_size=batch_size)))
+    images, targets = batch[0].to(device), batch[1].to(device)
+    cuda = device.type == "cuda"
+
+    def train_step():
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            loss = torch.nn.functional.cross_entropy(model(images), targets)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+
+    train_step()
+    steps = 20 if cuda else 3
+    with Stage(device) as step_stage:
+        for _ in range(steps):
+            train_step()
+    per_sample = step_stage.seconds / (steps * len(images))
+    rows.append(row("training step alone (forward + backward)", per_sample, step_stage, None,
+                    f"batch {len(images)}, {'16-mixed' if cuda else '32-true'}; the loader must outrun this"))
+    return rows
+
+
+def inference_rows(root, sequence, input_size, batch_size, device, workers):
+    model = UNet(input_size=input_size)
+    frames = list_frames(root, sequence, with_masks=False)
+    loader = DataLoader(UnlabelledFrames(frames, input_size), batch_size=batch_size, num_workers=workers)
+    for _ in border_core_maps(model, loader, device):  # warm-up: CUDA context, cudnn choice
+        break
+    with Stage(device) as model_stage:
+        for _ in border_core_maps(model, loader, device):
+            pass
+    with tempfile.TemporaryDirectory() as pred_dir, multiprocessing.get_context("fork").Pool(workers) as pool:
+        with Stage(device) as end_to_end:
+            predict_sequence(model, root, sequence, pred_dir, batch_size, workers, device, pool)
+    n = len(frames)
+    share = max(0.0, 1 - model_stage.seconds / end_to_end.seconds)
+    return [row("inference, reading + model only", model_stage.seconds / n, model_stage),
+            row("inference end to end (+ postprocessing, writing)", end_to_end.seconds / n, end_to_end, None,
+                f"reading, postprocessing and writing add {100 * share:.0f} % of the wall time")]
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
+    parser.add_argument("--seq", default="c", help="sequence with GT to take frames from")
+    parser.add_argument("--frames", type=int, default=16, help="frames per stage")
+    parser.add_argument("--size", type=int, default=512, help="frame size of the simulated colony")
+    parser.add_argument("--input_size", type=int, default=512)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", default="benchmark.json")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    device = pick_device(args.device)
+    torch.backends.cudnn.benchmark = True
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = args.root_dir
+        if root is None:  # one dense simulated sequence in the challenge layout
+            root = os.path.join(scratch, "data")
+            os.makedirs(os.path.join(root, args.seq)), os.makedirs(os.path.join(root, f"{args.seq}_GT"))
+            import tifffile
+            movie = list(simulate.simulate_sequence(120, (args.size, args.size), args.seed))[-args.frames:]
+            for t, (image, labels, _) in enumerate(movie):
+                tifffile.imwrite(os.path.join(root, args.seq, f"t{t:04d}.tif"), image)
+                tifffile.imwrite(os.path.join(root, f"{args.seq}_GT", f"man_seg{t:04d}.tif"), labels)
+        frames = list_frames(root, args.seq, with_masks=True)[-args.frames:]
+        masks = [read_mask(f.mask_path) for f in frames]
+        cells = int(np.mean([len(np.unique(m)) - 1 for m in masks]))
+        rows = postprocessing_rows(masks, device)
+        rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.workers)
+        rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.workers)
+
+    machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+               or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+               "frames": len(masks), "frame_size": list(masks[0].shape), "cells_per_frame": cells,
+               "input_size": args.input_size}
+    print(f"machine: {machine}")
+    print(f"{'stage':<52}{'frames/s':>10}{'ms/frame':>10}{'speed-up':>10}{'peak MiB':>10}{'Wh':>10}  note")
+    for r in rows:
+        speedup = f"{r['speedup']:.1f}x" if r["speedup"] else ""
+        energy = f"{r['energy_wh']:.4f}" if r["energy_wh"] is not None else "n/m"
+        print(f"{r['stage']:<52}{r['frames_per_s']:>10.1f}{r['ms_per_frame']:>10.2f}{speedup:>10}"
+              f"{r['peak_mib']:>10.1f}{energy:>10}  {r['note']}")
+    if all(r["energy_wh"] is None for r in rows):
+        print("energy: not measurable here (n/m)")
+    with open(args.json, "w") as file:
+        json.dump({"machine": machine, "rows": rows}, file, indent=2)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
