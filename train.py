@@ -14,10 +14,11 @@ import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from dataset import CellDataModule, DataError
+from energy import EnergyCallback
 from unet import UNet
 
 
@@ -38,6 +39,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out_dir", default="runs/default", help="run folder: metrics, checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoints/last.ckpt")
+    parser.add_argument("--early_stopping_patience", type=int, default=0,
+                        help="stop when val_instance_dice has not improved for this many epochs (0: never)")
     parser.add_argument("--progress_bar", action="store_true", help="show Lightning's progress bar")
     args = parser.parse_args(argv)
     if args.input_size % 8:
@@ -86,9 +89,13 @@ def main(argv=None):
 
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
                                   save_top_k=1, save_last=True)
+    callbacks = [checkpoints, EnergyCallback()]
+    if args.early_stopping_patience:
+        callbacks.append(EarlyStopping(monitor="val_instance_dice", mode="max", min_delta=0.002,
+                                       patience=args.early_stopping_patience))
     trainer = L.Trainer(
         max_epochs=args.num_epochs, accelerator=args.accelerator, devices=args.devices, precision=precision,
-        logger=logger, callbacks=[checkpoints], benchmark=cuda, log_every_n_steps=1,
+        logger=logger, callbacks=callbacks, benchmark=cuda, log_every_n_steps=1,
         enable_progress_bar=args.progress_bar, deterministic=False,
     )
     trainer.fit(model, datamodule=data, ckpt_path=last_checkpoint if args.resume else None)
