@@ -331,6 +331,8 @@ class EnergyCallback(Callback):
         gpu_count, cpu_count = self._sum_over_ranks(trainer, pl_module,
                                                     [self.meter.has("gpu"), self.meter.has("cpu")])
         self.kinds = [kind for kind, count in (("gpu", gpu_count), ("cpu", cpu_count)) if count > 0]
+        # a run resumed in the middle of an epoch (SLURM requeue checkpoint) gets no on_train_epoch_start for it
+        self.epoch_start = self.meter.read()
         if trainer.is_global_zero:
             why = f" ({'; '.join(self.meter.problems)})" if self.meter.problems else ""
             if self.kinds:

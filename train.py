@@ -3,19 +3,31 @@
     python train.py --root_dir /path/to/data_root                       # the baseline's recipe: 100 epochs, batch 16, 512 px
     python train.py --root_dir data --num_epochs 5 --out_dir runs/try   # a short run
     python train.py --root_dir data --out_dir runs/try --resume         # continue runs/try from its last checkpoint
+    srun python train.py --root_dir data                                 # in an sbatch job: one DDP process per task
 
 A run folder (--out_dir) holds metrics.csv (per epoch: a row of train and a row of val metrics), hparams.yaml and checkpoints/last.ckpt and
 checkpoints/best.ckpt (highest val_instance_dice).
+
+Under SLURM (srun), Lightning's SLURMEnvironment takes ranks and nodes from the job; devices and nodes default to the
+job's --ntasks-per-node and --nodes. On the job's warning signal before its time limit (SIGUSR1, `#SBATCH
+--signal=USR1@...`) the run saves checkpoints/requeue.ckpt and requeues the job; the requeued job (SLURM_RESTART_COUNT
+> 0) resumes by itself from whichever of last.ckpt and requeue.ckpt is further into training.
 """
 import argparse
 import csv
 import os
+import signal
+import subprocess
 import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader
 
 from dataset import CellDataModule, DataError
 from energy import EnergyCallback
@@ -32,13 +44,17 @@ def parse_args(argv=None):
     parser.add_argument("--input_size", type=int, default=512, help="frames are resized to this square size")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--accelerator", default="auto", help="auto, gpu, cpu")
-    parser.add_argument("--devices", default="auto", help="number of devices, or auto")
+    parser.add_argument("--devices", default=None,
+                        help="devices (processes) per node; default: --ntasks-per-node under SLURM, else auto")
+    parser.add_argument("--num_nodes", type=int, default=None,
+                        help="nodes; default: the job's nodes under SLURM, else 1")
     parser.add_argument("--precision", default=None,
                         help="default: 16-mixed on CUDA, 32-true on CPU (any Lightning precision string)")
     parser.add_argument("--num_workers", type=int, default=min(8, os.cpu_count() or 1))
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--out_dir", default="runs/default", help="run folder: metrics, checkpoints")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out_dir from checkpoints/last.ckpt")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out_dir from its newest checkpoint (automatic in a requeued job)")
     parser.add_argument("--early_stopping_patience", type=int, default=0,
                         help="stop when val_instance_dice has not improved for this many epochs (0: never)")
     parser.add_argument("--progress_bar", action="store_true", help="show Lightning's progress bar")
@@ -48,15 +64,76 @@ def parse_args(argv=None):
     return args
 
 
+class ValidateEachFrameOnce(CellDataModule):
+    """Under DDP Lightning gives the val loader a DistributedSampler, which pads the val set with repeated frames to a
+    multiple of the number of processes: those frames would be scored twice. Lightning's UnrepeatedDistributedSampler
+    (the one it uses for predict) gives each process a disjoint share instead. Shares may differ by a batch; that is
+    safe in validation, which runs no collective per step (DDP syncs no buffers without grad; the metrics are reduced
+    once, at the epoch's end)."""
+
+    def val_dataloader(self):
+        loader = super().val_dataloader()
+        if self.trainer is None or self.trainer.world_size == 1:
+            return loader
+        sampler = UnrepeatedDistributedSampler(loader.dataset, shuffle=False, **self.trainer.distributed_sampler_kwargs)
+        return DataLoader(loader.dataset, loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
+                          persistent_workers=loader.persistent_workers, pin_memory=loader.pin_memory)
+
+
+class RequeueOnSignal(Callback):
+    """SLURM's warning signal before the time limit: save a checkpoint, then `scontrol requeue` the job, which
+    resumes from it. Lightning's own auto-requeue does both inside the signal handler, on each rank at whatever
+    moment the signal lands; under DDP the handler's barrier can meet another rank's gradient all-reduce and both
+    wait forever (Lightning issue #21406; 2 of 5 tries hung here). So the handler only takes note, and all ranks act
+    on it together at the end of a training step."""
+
+    def __init__(self, path: str):
+        self.path, self.signalled = path, False
+        # at once: until a handler is set, SIGUSR1 ends the process. Forked loader workers inherit it: harmless there.
+        signal.signal(signal.SIGUSR1, lambda signum, frame: setattr(self, "signalled", True))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        # Not after an epoch's last batch: resumed from there, Lightning would end the epoch without its train_loss
+        # (the epoch's mean is not in a checkpoint). The epoch's end writes last.ckpt; the next batch acts on it.
+        if trainer.num_training_batches > 1 and batch_idx + 1 == trainer.num_training_batches:
+            return
+        if not trainer.strategy.reduce_boolean_decision(self.signalled, all=False):  # no rank got it
+            return
+        self.signalled = False
+        trainer.save_checkpoint(self.path)  # every rank takes part; rank 0 writes
+        if trainer.is_global_zero:
+            job = os.environ["SLURM_JOB_ID"]
+            print(f"warning signal: saved {self.path}, requeueing job {job}", flush=True)
+            # SLURM then ends this start (SIGTERM); the job starts again with SLURM_RESTART_COUNT > 0
+            if subprocess.run(["scontrol", "requeue", job]).returncode:
+                print(f"warning: scontrol requeue {job} failed; continue later with --resume", flush=True)
+
+
+def newest_checkpoint(out_dir: str) -> str | None:
+    """The checkpoint of the run furthest into training: checkpoints/last.ckpt (written at the end of each epoch) or
+    checkpoints/requeue.ckpt (written on SLURM's warning signal, in the middle of an epoch)."""
+    paths = [path for name in ("last.ckpt", "requeue.ckpt")
+             if os.path.isfile(path := os.path.join(out_dir, "checkpoints", name))]
+    steps = lambda path: torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return max(paths, key=lambda path: (steps(path), os.path.getmtime(path)), default=None)
+
+
+def completed_epochs(checkpoint: dict) -> int:
+    """Epochs a checkpoint holds in full: requeue.ckpt is taken in the middle of an epoch."""
+    return checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+
+
+@rank_zero_only  # the logger writes on rank 0 only, and rewrites this file: other ranks must not read it meanwhile
 def restore_metrics(logger: CSVLogger, metrics_file: str, completed_epochs: int):
     """Lightning's CSV writer deletes an existing metrics.csv when a run restarts in the same folder; hand it the
     rows of the epochs the checkpoint holds, so the resumed run keeps one complete log."""
     with open(metrics_file, newline="") as file:
-        for row in csv.DictReader(file):
-            if row.get("epoch") and int(float(row["epoch"])) < completed_epochs:
-                values = {k: int(float(v)) if k == "epoch" else float(v)
-                          for k, v in row.items() if v not in ("", None) and k != "step"}
-                logger.log_metrics(values, step=int(float(row["step"])))
+        rows = list(csv.DictReader(file))  # all of them first: the logger may flush into this file while logging
+    for row in rows:
+        if row.get("epoch") and int(float(row["epoch"])) < completed_epochs:
+            values = {k: int(float(v)) if k == "epoch" else float(v)
+                      for k, v in row.items() if v not in ("", None) and k != "step"}
+            logger.log_metrics(values, step=int(float(row["step"])))
 
 
 def main(argv=None):
@@ -66,16 +143,20 @@ def main(argv=None):
     precision = args.precision or ("16-mixed" if cuda else "32-true")
 
     checkpoint_dir = os.path.join(args.out_dir, "checkpoints")
-    last_checkpoint = os.path.join(checkpoint_dir, "last.ckpt")
-    if args.resume and not os.path.isfile(last_checkpoint):
-        sys.exit(f"error: --resume, but {last_checkpoint} does not exist")
-    if not args.resume and os.path.isfile(last_checkpoint):
+    checkpoint = newest_checkpoint(args.out_dir)
+    # a job that SLURM requeued (time limit, preemption) continues its run without being told
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", 0)) > 0
+    if args.resume and checkpoint is None:
+        sys.exit(f"error: --resume, but {checkpoint_dir} holds no last.ckpt or requeue.ckpt")
+    if checkpoint and not (args.resume or requeued):
         sys.exit(f"error: {args.out_dir} already holds a run; continue it with --resume or choose another --out_dir")
+    resume_from = checkpoint if args.resume or requeued else None
 
     split = lambda value: value.split(",") if value else None
     try:
-        data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs), batch_size=args.batch_size,
-                              input_size=args.input_size, num_workers=args.num_workers)
+        data = ValidateEachFrameOnce(args.root_dir, split(args.train_seqs), split(args.val_seqs),
+                                     batch_size=args.batch_size, input_size=args.input_size,
+                                     num_workers=args.num_workers)
         data.frames("train", True), data.frames("val", True)  # fail on bad layout now, not after model set-up
     except DataError as error:
         sys.exit(f"error: {error}")
@@ -83,23 +164,36 @@ def main(argv=None):
 
     logger = CSVLogger(args.out_dir, name="", version="")
     metrics_file = os.path.join(args.out_dir, "metrics.csv")
-    if args.resume and os.path.isfile(metrics_file):
-        completed = torch.load(last_checkpoint, map_location="cpu", weights_only=False)["epoch"] + 1
-        restore_metrics(logger, metrics_file, completed)
+    if resume_from and os.path.isfile(metrics_file):
+        restore_metrics(logger, metrics_file, completed_epochs(torch.load(resume_from, "cpu", weights_only=False)))
 
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
-                                  save_top_k=1, save_last=True)
-    callbacks = [checkpoints, EnergyCallback()]
+                                  save_top_k=1)
+    # last.ckpt at the end of every epoch. Not save_last=True above: Lightning 2.6 writes that one only in an epoch
+    # whose score improved, so a run (or a resume) would end on an older epoch.
+    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
+    callbacks = [checkpoints, last, EnergyCallback()]
     if args.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_instance_dice", mode="max", min_delta=0.002,
                                        patience=args.early_stopping_patience))
+    # Under srun, one process per task: Lightning's SLURMEnvironment reads ranks from the job (without CUDA the same
+    # processes train on the CPU, DDP over gloo). Its auto-requeue is off: RequeueOnSignal does that.
+    slurm = SLURMEnvironment.detect()
+    plugins = [SLURMEnvironment(auto_requeue=False)] if slurm else []
+    if slurm:
+        callbacks.append(RequeueOnSignal(os.path.join(checkpoint_dir, "requeue.ckpt")))
+    devices = args.devices or (os.environ.get("SLURM_NTASKS_PER_NODE", "1") if slurm else "auto")
+    num_nodes = args.num_nodes or (int(os.environ.get("SLURM_NNODES", 1)) if slurm else 1)
+    # default_root_dir: on SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt found there; the run's own
+    # folder, never the folder the job was submitted from
     trainer = L.Trainer(
-        max_epochs=args.num_epochs, accelerator=args.accelerator, devices=args.devices, precision=precision,
-        logger=logger, callbacks=callbacks, benchmark=cuda, log_every_n_steps=1,
-        enable_progress_bar=args.progress_bar, deterministic=False,
+        max_epochs=args.num_epochs, accelerator=args.accelerator, devices=devices, num_nodes=num_nodes,
+        precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
+        benchmark=cuda, log_every_n_steps=1, enable_progress_bar=args.progress_bar, deterministic=False,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=last_checkpoint if args.resume else None)
-    print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
+    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    if trainer.is_global_zero:
+        print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
     return checkpoints
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from dataset import BORDER, CORE, resize_nearest
@@ -46,6 +46,7 @@ class UNet(L.LightningModule):
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         self.val_iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro")
         self.val_instance_dice = MeanMetric()
+        self.val_frames = SumMetric()  # frames scored, over all DDP processes: each val frame exactly once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
@@ -60,7 +61,9 @@ class UNet(L.LightningModule):
     def training_step(self, batch, batch_idx):
         images, targets, _ = batch
         loss = F.cross_entropy(self(images), targets)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images))
+        # sync_dist: under DDP the epoch's loss is the mean over all processes (reduced once, at the epoch's end)
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images),
+                 sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -72,8 +75,10 @@ class UNet(L.LightningModule):
         for pred_map, gt in zip(semantic.cpu().numpy(), gt_instances.cpu().numpy()):
             instances = self.instances(pred_map)
             self.val_instance_dice.update(instance_dice(gt, resize_nearest(instances, gt.shape)))
+        self.val_frames.update(len(images))
         self.log("val_iou", self.val_iou, on_epoch=True)
         self.log("val_instance_dice", self.val_instance_dice, on_epoch=True, prog_bar=True)
+        self.log("val_frames", self.val_frames, on_epoch=True)
 
     def instances(self, semantic: np.ndarray) -> np.ndarray:
         return instances_from_border_core(semantic, self.hparams.small_center_threshold,

@@ -1,0 +1,28 @@
+#!/bin/bash
+# Submit training, inference and evaluation at once: each job starts when the one before it has ended successfully
+# (--dependency=afterok), and is cancelled if that one failed (--kill-on-invalid-dep). A requeued training job counts
+# as ended only when its last start ends.
+#
+#   bash submit_chain.sh                                                   # train.sh -> inference.sh -> eval.sh
+#   GPU_RESERVATION=aihero-gpu CPU_RESERVATION=aihero bash submit_chain.sh # in the event's reservations
+#   TRAIN_SBATCH="--nodes=2" TRAIN_ARGS="--num_epochs 30" bash submit_chain.sh
+#   bash submit_chain.sh --account=my_project                              # arguments: sbatch options for all three
+#
+# Environment: what the three scripts read (REPO, WORKSPACE, DATA, VENV, RUN_DIR, CHECKPOINT, SPLIT, PRED_DIR; the
+# jobs get this shell's environment), GPU_RESERVATION (train and inference) and CPU_RESERVATION (eval), and per job
+# extra sbatch options (TRAIN_SBATCH, INFERENCE_SBATCH, EVAL_SBATCH) and script arguments (TRAIN_ARGS,
+# INFERENCE_ARGS, EVAL_ARGS), split at spaces.
+set -euo pipefail
+export REPO=${REPO:-$(cd "$(dirname "$0")" && pwd)}  # the jobs find the repository wherever this is run from
+gpu=(${GPU_RESERVATION:+--reservation=$GPU_RESERVATION})
+cpu=(${CPU_RESERVATION:+--reservation=$CPU_RESERVATION})
+submit() { local id; id=$(sbatch --parsable --kill-on-invalid-dep=yes "$@"); echo "${id%%;*}"; }  # "id;cluster"
+
+train=$(submit "$@" "${gpu[@]}" ${TRAIN_SBATCH:-} "$REPO/train.sh" ${TRAIN_ARGS:-})
+inference=$(submit "$@" "${gpu[@]}" --dependency=afterok:"$train" ${INFERENCE_SBATCH:-} \
+  "$REPO/inference.sh" ${INFERENCE_ARGS:-})
+evaluation=$(submit "$@" "${cpu[@]}" --dependency=afterok:"$inference" ${EVAL_SBATCH:-} \
+  "$REPO/eval.sh" ${EVAL_ARGS:-})
+echo "train: job $train"
+echo "inference: job $inference (after $train)"
+echo "eval: job $evaluation (after $inference)"

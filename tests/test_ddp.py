@@ -1,0 +1,80 @@
+"""train.py with 2 DDP processes on the CPU (gloo, Lightning's own launcher, no SLURM) against 1 process, and how a
+run is resumed: by a requeued SLURM job without --resume, from the checkpoint furthest into training."""
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import ROOT, write_dataset
+from train import newest_checkpoint
+
+FRAMES = 5  # per sequence: a, b train (10 frames), c validates; odd, so 2 processes cannot split c evenly
+EPOCHS = 2
+BATCH = 2
+
+
+def train(*args, env=None):
+    args = ["--batch_size", BATCH, "--input_size", 64, "--num_workers", 0, "--accelerator", "cpu", *args]
+    # one thread per process, as the sbatch scripts set it: on a busy 2-core machine more threads only thrash
+    env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "train.py", *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600, env=env)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ddp")
+    root = write_dataset(tmp / "data", sequences=("a", "b", "c"), unlabelled=(), frames=FRAMES)
+    for devices in (1, 2):
+        result = train("--root_dir", root, "--num_epochs", EPOCHS, "--devices", devices, "--out_dir",
+                       tmp / f"devices_{devices}")
+        assert result.returncode == 0, f"{devices} process(es):\n{result.stdout}\n{result.stderr}"
+    return root, tmp
+
+
+def test_two_processes_log_the_same_epochs_and_score_each_val_frame_once(runs):
+    _, tmp = runs
+    for devices in (1, 2):
+        out = tmp / f"devices_{devices}"
+        assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
+        metrics = pd.read_csv(out / "metrics.csv")
+        train_rows = metrics.dropna(subset=["train_loss"])
+        val_rows = metrics.dropna(subset=["val_instance_dice"])
+        assert list(train_rows["epoch"]) == list(range(EPOCHS)), devices
+        assert list(val_rows["epoch"]) == list(range(EPOCHS)), devices
+        # DistributedSampler would pad c to 6 frames for 2 processes, scoring one frame twice
+        assert list(val_rows["val_frames"]) == [FRAMES] * EPOCHS, devices
+        # the training data really was shared out: each process takes half of the 10 frames per epoch
+        steps_per_epoch = math.ceil(math.ceil(2 * FRAMES / devices) / BATCH)
+        checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        assert checkpoint["global_step"] == EPOCHS * steps_per_epoch, devices
+
+
+def test_a_requeued_job_resumes_without_being_told(runs):
+    root, tmp = runs
+    out = tmp / "requeued"
+    shutil.copytree(tmp / "devices_1", out)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    refused = train("--root_dir", root, "--num_epochs", EPOCHS + 1, "--out_dir", out, env=env)
+    assert refused.returncode != 0 and "already holds a run" in refused.stderr
+    resumed = train("--root_dir", root, "--num_epochs", EPOCHS + 1, "--out_dir", out,
+                    env=dict(env, SLURM_RESTART_COUNT="1"))
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = pd.read_csv(out / "metrics.csv")
+    assert list(metrics.dropna(subset=["train_loss"])["epoch"]) == list(range(EPOCHS + 1))  # earlier rows kept
+
+
+def test_resume_takes_the_checkpoint_furthest_into_training(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert newest_checkpoint(str(tmp_path)) is None
+    torch.save({"global_step": 12}, folder / "last.ckpt")
+    torch.save({"global_step": 14}, folder / "requeue.ckpt")
+    assert newest_checkpoint(str(tmp_path)) == str(folder / "requeue.ckpt")  # the signal came 2 steps after last.ckpt
+    torch.save({"global_step": 20}, folder / "last.ckpt")
+    assert newest_checkpoint(str(tmp_path)) == str(folder / "last.ckpt")  # the resumed run went on past it

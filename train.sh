@@ -1,0 +1,61 @@
+#!/bin/bash
+#SBATCH --job-name=aihero-train
+#SBATCH --partition=accelerated
+#SBATCH --nodes=1
+#SBATCH --gres=gpu:4
+#SBATCH --ntasks-per-node=4
+#SBATCH --cpus-per-task=38
+#SBATCH --time=20:00:00
+#SBATCH --signal=USR1@180
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+#
+# Train the U-Net: one DDP process (SLURM task) per GPU, 4 per node, the node's 152 cores shared among them.
+# 3 minutes before the time limit SLURM sends SIGUSR1 to the processes: train.py saves checkpoints/requeue.ckpt in the
+# run folder and requeues the job, which resumes from it by itself (--requeue lets it be requeued, and
+# --open-mode=append keeps the log of every start in one file).
+#
+#   sbatch --reservation=aihero-gpu train.sh     # in the event's reservation (`sbatch train.sh -r aihero-gpu` is NOT)
+#   sbatch --nodes=2 train.sh                    # 2 nodes x 4 GPUs
+#   sbatch train.sh --num_epochs 30              # arguments after the script go to train.py
+#   DATA=demo_data bash train.sh --num_epochs 2  # without SLURM, on the machine at hand
+#
+# Environment: REPO (the repository; default: where sbatch was run, else this file's folder), WORKSPACE (default
+# $REPO), DATA (data root, default $WORKSPACE/data), VENV (default $REPO/.venv), RUN_DIR (run folder, default
+# $WORKSPACE/runs/default).
+set -euo pipefail
+
+# Under sbatch this file runs from a copy in SLURM's spool folder, so its own path does not lead to the repository.
+REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
+WORKSPACE=${WORKSPACE:-$REPO}
+DATA=${DATA:-$WORKSPACE/data}
+VENV=${VENV:-$REPO/.venv}
+RUN_DIR=${RUN_DIR:-$WORKSPACE/runs/default}
+[ -f "$REPO/train.py" ] || { echo "error: no train.py in $REPO: submit from the repository or set REPO" >&2; exit 2; }
+[ -f "$VENV/bin/activate" ] || { echo "error: no virtual environment $VENV: run make install or set VENV" >&2; exit 2; }
+
+# sbatch reads its options before the script name only; `sbatch train.sh -r aihero-gpu` hands "-r aihero-gpu" to us.
+args=() reservation=
+while [ $# -gt 0 ]; do
+  case $1 in
+    -r | --reservation) reservation=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
+    --reservation=*) reservation=${1#*=}; shift ;;
+    *) args+=("$1"); shift ;;
+  esac
+done
+if [ -n "$reservation" ] && [ "${SLURM_JOB_RESERVATION:-}" != "$reservation" ]; then
+  echo "warning: reservation $reservation was NOT applied (sbatch reads no option after the script name);" \
+    "apply it with: sbatch --reservation=$reservation train.sh" >&2
+fi
+
+export CUDA_CACHE_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source "$VENV/bin/activate"
+launch=()
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+  echo "job $SLURM_JOB_ID (start $((${SLURM_RESTART_COUNT:-0} + 1))): ${SLURM_NNODES:-1} node(s) x" \
+    "${SLURM_NTASKS_PER_NODE:-1} task(s) on ${SLURM_JOB_NODELIST:-?}; data $DATA, run $RUN_DIR"
+  # one process per task; srun of SLURM 22.05 does not inherit the job's --cpus-per-task by itself
+  launch=(srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
+fi
+"${launch[@]}" python "$REPO/train.py" --root_dir "$DATA" --out_dir "$RUN_DIR" "${args[@]}"
