@@ -20,27 +20,6 @@ set -euo pipefail
 
 # Under sbatch this file runs from a copy in SLURM's spool folder, so its own path does not lead to the repository.
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
-WORKSPACE=${WORKSPACE:-$REPO}
-DATA=${DATA:-$WORKSPACE/data}
-VENV=${VENV:-$REPO/.venv}
-PRED_DIR=${PRED_DIR:-$WORKSPACE/pred}
 [ -f "$REPO/eval.py" ] || { echo "error: no eval.py in $REPO: submit from the repository or set REPO" >&2; exit 2; }
-[ -f "$VENV/bin/activate" ] || { echo "error: no virtual environment $VENV: run make install or set VENV" >&2; exit 2; }
-
-# sbatch reads its options before the script name only; `sbatch eval.sh -r aihero` hands "-r aihero" to us.
-args=() reservation=
-while [ $# -gt 0 ]; do
-  case $1 in
-    -r | --reservation) reservation=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
-    --reservation=*) reservation=${1#*=}; shift ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-if [ -n "$reservation" ] && [ "${SLURM_JOB_RESERVATION:-}" != "$reservation" ]; then
-  echo "warning: reservation $reservation was NOT applied (sbatch reads no option after the script name);" \
-    "apply it with: sbatch --reservation=$reservation eval.sh" >&2
-fi
-
-export CUDA_CACHE_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-source "$VENV/bin/activate"
+source "$REPO/job_setup.sh" eval.sh "$@"  # paths, venv, -r warning, environment; leaves the arguments in args
 python "$REPO/eval.py" --pred_dir "$PRED_DIR" --gt_dir "$DATA" "${args[@]}"

@@ -28,29 +28,8 @@ set -euo pipefail
 
 # Under sbatch this file runs from a copy in SLURM's spool folder, so its own path does not lead to the repository.
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
-WORKSPACE=${WORKSPACE:-$REPO}
-DATA=${DATA:-$WORKSPACE/data}
-VENV=${VENV:-$REPO/.venv}
-RUN_DIR=${RUN_DIR:-$WORKSPACE/runs/default}
 [ -f "$REPO/train.py" ] || { echo "error: no train.py in $REPO: submit from the repository or set REPO" >&2; exit 2; }
-[ -f "$VENV/bin/activate" ] || { echo "error: no virtual environment $VENV: run make install or set VENV" >&2; exit 2; }
-
-# sbatch reads its options before the script name only; `sbatch train.sh -r aihero-gpu` hands "-r aihero-gpu" to us.
-args=() reservation=
-while [ $# -gt 0 ]; do
-  case $1 in
-    -r | --reservation) reservation=${2:-}; shift $(($# > 1 ? 2 : 1)) ;;
-    --reservation=*) reservation=${1#*=}; shift ;;
-    *) args+=("$1"); shift ;;
-  esac
-done
-if [ -n "$reservation" ] && [ "${SLURM_JOB_RESERVATION:-}" != "$reservation" ]; then
-  echo "warning: reservation $reservation was NOT applied (sbatch reads no option after the script name);" \
-    "apply it with: sbatch --reservation=$reservation train.sh" >&2
-fi
-
-export CUDA_CACHE_DISABLE=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-source "$VENV/bin/activate"
+source "$REPO/job_setup.sh" train.sh "$@"  # paths, venv, -r warning, environment; leaves the arguments in args
 launch=()
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "job $SLURM_JOB_ID (start $((${SLURM_RESTART_COUNT:-0} + 1))): ${SLURM_NNODES:-1} node(s) x" \
