@@ -24,13 +24,12 @@ from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 import simulate
-from dataset import (LabelledFrames, UnlabelledFrames, border_core_targets, list_frames, load_image, normalise,
-                     read_mask, resize_nearest)
-from eval import instance_dice
-from inference import predict_sequence
-from unet import UNet, border_core_maps, instances_from_border_core, pick_device
-
+from border_core import border_core_targets, instances_from_border_core, resize_nearest
+from dataset import LabelledFrames, UnlabelledFrames, list_frames, load_image, normalise, read_mask, write_sequence
 from energy import EnergyMeter
+from inference import border_core_maps, pick_device, predict_sequence
+from metrics import instance_dice
+from unet import UNet
 
 
 # ------------------------------------------------------------------------------------------ straightforward versions
@@ -78,7 +77,7 @@ class Stage:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        self.meter = EnergyMeter(poll_seconds=None).start() if EnergyMeter else None
+        self.meter = EnergyMeter(poll_seconds=None).start()
         self.start = time.perf_counter()
         return self
 
@@ -86,14 +85,13 @@ class Stage:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
-        if self.meter:
-            self.meter.stop()
+        self.meter.stop()
         if self.device.type == "cuda":
             self.peak_mib = torch.cuda.max_memory_allocated() / 2 ** 20
 
     def energy_wh(self):
         """Measured energy of the block (GPU + CPU counters), None where no counter is readable."""
-        return self.meter.read().energy_wh if self.meter else None
+        return self.meter.read().energy_wh
 
 
 def peak_host_mib(function, item) -> float:
@@ -123,14 +121,6 @@ def row(name, per_item, stage, baseline=None, note=""):
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
-
-def dense_frames(root_dir, sequence, count, size, seed):
-    """(uint8 frames, label masks): the last, densest frames of a GT sequence, or of a simulated colony."""
-    if root_dir:
-        frames = list_frames(root_dir, sequence, with_masks=True)[-count:]
-        return frames, [read_mask(f.mask_path) for f in frames]
-    return None, [labels for _, labels, _ in simulate.simulate_sequence(120, (size, size), seed)][-count:]
-
 
 def predicted_like(labels, seed, noise=0.02):
     """A border-core map as a trained model predicts it: the exact targets with a small share of pixels changed."""
@@ -263,12 +253,8 @@ def main(argv=None):
         root = args.root_dir
         if root is None:  # one dense simulated sequence in the challenge layout
             root = os.path.join(scratch, "data")
-            os.makedirs(os.path.join(root, args.seq)), os.makedirs(os.path.join(root, f"{args.seq}_GT"))
-            import tifffile
             movie = list(simulate.simulate_sequence(120, (args.size, args.size), args.seed))[-args.frames:]
-            for t, (image, labels, _) in enumerate(movie):
-                tifffile.imwrite(os.path.join(root, args.seq, f"t{t:04d}.tif"), image)
-                tifffile.imwrite(os.path.join(root, f"{args.seq}_GT", f"man_seg{t:04d}.tif"), labels)
+            write_sequence(root, args.seq, [(image, labels) for image, labels, _ in movie])
         frames = list_frames(root, args.seq, with_masks=True)[-args.frames:]
         masks = [read_mask(f.mask_path) for f in frames]
         cells = int(np.mean([len(np.unique(m)) - 1 for m in masks]))

@@ -7,19 +7,25 @@ Two on-disk layouts are read, told apart by the data root itself:
 
 Images and masks are paired by sequence name and frame number, never by sorted order.
 """
+import errno
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import tifffile
 import torch
-from scipy import ndimage
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
+
+from border_core import border_core_targets, resize_nearest
 
 IMAGE_PATTERN = re.compile(r"^t(\d+)\.tiff?$")
 MASK_PATTERN = re.compile(r"^man_seg(\d+)\.tiff?$")
+PREDICTION_PATTERN = re.compile(r"^t(\d+)_256\.tiff?$")
 
 # Default split of the challenge (a, b train; c validates; d, e are the test sequences without GT) and the same
 # roles for the five sequences of the public dataset in CTC layout.
@@ -27,10 +33,6 @@ DEFAULT_SEQUENCES = {
     "challenge": {"train": ["a", "b"], "val": ["c"], "test": ["d", "e"]},
     "ctc": {"train": ["01", "02"], "val": ["03"], "test": ["04", "05"]},
 }
-
-BACKGROUND, CORE, BORDER = 0, 1, 2
-BORDER_WIDTH = 4  # erosions with the 3 x 3 cross, SPEC §2
-CROSS_STRUCTURE = ndimage.generate_binary_structure(2, 1)
 
 
 class DataError(ValueError):
@@ -66,12 +68,39 @@ def default_sequences(root_dir: str, split: str) -> list[str]:
     return list(DEFAULT_SEQUENCES[detect_layout(root_dir)][split])
 
 
-def mask_dir(root_dir: str, sequence: str) -> str:
+# The file names of the layouts: every script builds its paths with these, none spells them by hand.
+def image_name(number: int) -> str:
+    return f"t{number:04d}.tif"
+
+
+def mask_name(number: int) -> str:
+    return f"man_seg{number:04d}.tif"
+
+
+def prediction_name(image_name_or_number) -> str:
+    """The challenge's prediction file of a frame: t0042.tif (or its number 42) -> t0042_256.tif."""
+    stem = image_name(image_name_or_number) if isinstance(image_name_or_number, int) else image_name_or_number
+    return f"{os.path.splitext(stem)[0]}_256.tif"
+
+
+def mask_dir(root_dir: str, sequence: str, layout: str | None = None) -> str:
     gt = os.path.join(root_dir, f"{sequence}_GT")
-    return os.path.join(gt, "SEG") if detect_layout(root_dir) == "ctc" else gt
+    return os.path.join(gt, "SEG") if (layout or detect_layout(root_dir)) == "ctc" else gt
 
 
-def _numbered_files(folder: str, pattern: re.Pattern) -> dict[int, str]:
+def image_path(root_dir: str, sequence: str, number: int) -> str:
+    return os.path.join(root_dir, sequence, image_name(number))
+
+
+def mask_path(root_dir: str, sequence: str, number: int, layout: str | None = None) -> str:
+    return os.path.join(mask_dir(root_dir, sequence, layout), mask_name(number))
+
+
+def prediction_path(pred_dir: str, sequence: str, image_name_or_number) -> str:
+    return os.path.join(pred_dir, sequence, prediction_name(image_name_or_number))
+
+
+def numbered_files(folder: str, pattern: re.Pattern) -> dict[int, str]:
     files = {}
     for name in sorted(os.listdir(folder)):
         match = pattern.match(name)
@@ -90,7 +119,7 @@ def list_frames(root_dir: str, sequence: str, with_masks: bool) -> list[Frame]:
         available = sorted(e for e in os.listdir(root_dir) if os.path.isdir(os.path.join(root_dir, e))) \
             if os.path.isdir(root_dir) else []
         raise DataError(f"{image_folder}: sequence '{sequence}' not found (folders in the root: {available})")
-    images = _numbered_files(image_folder, IMAGE_PATTERN)
+    images = numbered_files(image_folder, IMAGE_PATTERN)
     if not images:
         raise DataError(f"{image_folder}: empty sequence, no image named t<number>.tif")
     if not with_masks:
@@ -99,13 +128,13 @@ def list_frames(root_dir: str, sequence: str, with_masks: bool) -> list[Frame]:
     folder = mask_dir(root_dir, sequence)
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: ground-truth folder of sequence '{sequence}' is missing")
-    masks = _numbered_files(folder, MASK_PATTERN)
+    masks = numbered_files(folder, MASK_PATTERN)
     for n in sorted(images):
         if n not in masks:
-            raise DataError(f"{os.path.join(folder, f'man_seg{n:04d}.tif')}: missing mask for image {images[n]}")
+            raise DataError(f"{os.path.join(folder, mask_name(n))}: missing mask for image {images[n]}")
     for n in sorted(masks):
         if n not in images:
-            raise DataError(f"{masks[n]}: mask without an image (expected {image_folder}/t{n:04d}.tif)")
+            raise DataError(f"{masks[n]}: mask without an image (expected {image_path(root_dir, sequence, n)})")
     return [Frame(sequence, n, images[n], masks[n]) for n in sorted(images)]
 
 
@@ -123,15 +152,33 @@ def read_tiff_2d(path: str) -> np.ndarray:
     return array
 
 
+def check_labels(labels: np.ndarray, path: str, what: str = "instance labels") -> np.ndarray:
+    """An instance label image as every reader takes it: integers (or bool), none negative. Returned as it is."""
+    if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        raise DataError(f"{path}: {what} must be integers, got dtype {labels.dtype}")
+    if np.issubdtype(labels.dtype, np.signedinteger) and labels.size and labels.min() < 0:
+        raise DataError(f"{path}: negative instance label {labels.min()}")
+    return labels
+
+
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels as int64 whatever the file's width: uint32/uint64 ids above 2**31 - 1 are fine instance ids, but an
+    int32 copy would turn them negative. Ids that do not fit int64 are renumbered 1..N, order kept."""
+    if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
+        ids, index = np.unique(labels, return_inverse=True)
+        return (index.reshape(labels.shape) + (ids[0] != 0)).astype(np.int64)
+    return labels.astype(np.int64)
+
+
 def read_mask(path: str, image_shape: tuple[int, int] | None = None, image_path: str | None = None) -> np.ndarray:
-    mask = read_tiff_2d(path)
-    if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
-        raise DataError(f"{path}: instance labels must be integers, got dtype {mask.dtype}")
-    if np.issubdtype(mask.dtype, np.signedinteger) and mask.min() < 0:
-        raise DataError(f"{path}: negative instance label {mask.min()}")
+    mask = check_labels(read_tiff_2d(path), path)
     if image_shape is not None and mask.shape != tuple(image_shape):
         raise DataError(f"{path}: mask size {mask.shape} differs from image size {tuple(image_shape)} of {image_path}")
     return mask
+
+
+def read_prediction(path: str) -> np.ndarray:
+    return check_labels(read_tiff_2d(path), path, "predicted instance labels")
 
 
 def to_uint8_range(image: np.ndarray) -> np.ndarray:
@@ -152,42 +199,89 @@ def to_uint8_range(image: np.ndarray) -> np.ndarray:
     return np.clip((image - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)
 
 
-# ---------------------------------------------------------------------------------------------------- targets and resizing
+# ----------------------------------------------------------------------------------------------------------------- writing
 
-def border_core_targets(labels: np.ndarray) -> np.ndarray:
-    """Border-core map of an instance mask (SPEC §2): 0 background, 1 core, 2 border.
-
-    The baseline erodes each instance 4 times with the 3 x 3 cross, the image edge not eroding: a pixel is core when
-    every in-image pixel within city-block distance 4 carries its label. Computed for all instances at once: a pixel
-    is "uniform" when it is foreground and its in-image 4-neighbours carry its label; a pixel is core when every
-    in-image pixel within distance 3 is uniform (3 binary erosions with the cross, beyond the edge counting as
-    uniform). Chaining the equal-neighbour steps gives the same set as the distance-4 rule, with boolean work only.
-    """
-    labels = np.asarray(labels)
-    if labels.ndim != 2:
-        raise ValueError(f"border_core_targets expects a 2-D label image, got shape {labels.shape}")
-    foreground = labels > 0
-    uniform = foreground.copy()
-    # compare with each 4-neighbour; along the edge there is no neighbour, which never breaks uniformity
-    same_horizontal = labels[:, 1:] == labels[:, :-1]
-    same_vertical = labels[1:, :] == labels[:-1, :]
-    uniform[:, 1:] &= same_horizontal
-    uniform[:, :-1] &= same_horizontal
-    uniform[1:, :] &= same_vertical
-    uniform[:-1, :] &= same_vertical
-    core = ndimage.binary_erosion(uniform, CROSS_STRUCTURE, iterations=BORDER_WIDTH - 1, border_value=1)
-    targets = foreground.astype(np.uint8) * BORDER
-    targets[core] = CORE
-    return targets
+def _file_mode() -> int:
+    """0666 less the process's umask: what open() gives a new file (mkstemp gives 0600 whatever the umask)."""
+    try:
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
-def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of the last two axes, source index floor(i * in / out) (OpenCV's INTER_NEAREST and
-    torch's 'nearest'). Any dtype, so it serves images and label maps alike."""
-    height, width = array.shape[-2:]
-    rows = (np.arange(size[0]) * height) // size[0]
-    cols = (np.arange(size[1]) * width) // size[1]
-    return array[..., rows[:, None], cols[None, :]]
+def atomic_write(path: str, write, suffix: str = ".tmp"):
+    """Call write(temporary path) beside `path`, then rename it into place: the file is whole or absent, never half
+    written, and gets the mode the umask gives. OS errors (disk full, permission denied) become a DataError naming
+    the file."""
+    tmp = None
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=suffix)
+        os.close(fd)
+        write(tmp)
+        os.chmod(tmp, _file_mode())
+        os.replace(tmp, path)
+    except OSError as error:
+        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise DataError(f"{path}: cannot write ({reason})") from error
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_tiff_atomically(path: str, array: np.ndarray):
+    atomic_write(path, lambda tmp: tifffile.imwrite(tmp, array), ".tif.tmp")
+
+
+def narrowest_unsigned(labels: np.ndarray) -> np.ndarray:
+    """Labels in the narrowest unsigned dtype that holds them (uint8 wraps above 255 cells)."""
+    top = int(labels.max()) if labels.size else 0
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if top <= np.iinfo(dtype).max:
+            return labels.astype(dtype)
+    return labels.astype(np.uint64)
+
+
+def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layout: str = "challenge") -> int:
+    """Write one sequence numbered from 0; `frames` is an iterable of (image, mask) pairs (mask ignored without GT),
+    consumed one at a time. Everything goes into a hidden staging folder first and is moved into place when complete;
+    an existing sequence is never overwritten. Masks are stored as uint16, wider where a frame's labels need it.
+    Returns the number of frames."""
+    targets = {"images": os.path.join(root_dir, name)}
+    if with_gt:
+        targets["masks"] = mask_dir(root_dir, name, layout)
+    for target in targets.values():
+        if os.path.exists(target):
+            raise DataError(f"{target}: already exists; choose another name or remove it first")
+    staging, count = None, 0
+    try:
+        os.makedirs(root_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=root_dir, prefix=f".write-{name}-")
+        for kind in targets:
+            os.makedirs(os.path.join(staging, kind))
+        for t, (image, mask) in enumerate(frames):
+            tifffile.imwrite(os.path.join(staging, "images", image_name(t)), image)
+            if with_gt:
+                mask = np.asarray(mask)
+                wide = mask.size and int(mask.max()) > np.iinfo(np.uint16).max
+                tifffile.imwrite(os.path.join(staging, "masks", mask_name(t)),
+                                 narrowest_unsigned(mask) if wide else mask.astype(np.uint16))
+            count = t + 1
+        if with_gt:
+            os.makedirs(os.path.dirname(targets["masks"]), exist_ok=True)
+            os.replace(os.path.join(staging, "masks"), targets["masks"])
+        os.replace(os.path.join(staging, "images"), targets["images"])
+    except OSError as error:
+        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise DataError(f"{os.path.join(root_dir, name)}: cannot write the sequence ({reason})") from error
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return count
 
 
 # -------------------------------------------------------------------------------------------------------------- transforms
@@ -234,13 +328,13 @@ class LabelledFrames(Dataset):
         size = (input_size, input_size)
         self.images = np.empty((len(frames), input_size, input_size), np.float16)
         self.targets = np.empty((len(frames), input_size, input_size), np.uint8)
-        self.instances = np.empty((len(frames), score_size, score_size), np.int32)
+        self.instances = np.empty((len(frames), score_size, score_size), np.int64)
         for i, frame in enumerate(frames):
             image, shape = load_image(frame, input_size)
             mask = read_mask(frame.mask_path, shape, frame.image_path)
             self.images[i] = image
             self.targets[i] = resize_nearest(border_core_targets(mask), size)
-            self.instances[i] = resize_nearest(mask, (score_size, score_size))
+            self.instances[i] = resize_nearest(compact_labels(mask), (score_size, score_size))
 
     def __len__(self):
         return len(self.frames)
@@ -251,7 +345,7 @@ class LabelledFrames(Dataset):
         if self.train:
             image, target = random_horizontal_flip(image, target)
             image = random_brightness_contrast(image)
-        return normalise(image), target, torch.from_numpy(self.instances[index].astype(np.int64))
+        return normalise(image), target, torch.from_numpy(self.instances[index])
 
 
 class UnlabelledFrames(Dataset):
@@ -273,38 +367,42 @@ class UnlabelledFrames(Dataset):
 # ---------------------------------------------------------------------------------------------------------- data module
 
 class CellDataModule(L.LightningDataModule):
-    """Train / val / test loaders over sequences chosen by name (defaults by layout, see DEFAULT_SEQUENCES)."""
+    """Train and val loaders over sequences chosen by name (defaults by layout, see DEFAULT_SEQUENCES)."""
 
-    def __init__(self, root_dir: str, train_seqs=None, val_seqs=None, test_seqs=None, batch_size: int = 16,
-                 input_size: int = 512, num_workers: int = 2):
+    def __init__(self, root_dir: str, train_seqs=None, val_seqs=None, batch_size: int = 16, input_size: int = 512,
+                 num_workers: int = 2):
         super().__init__()
         self.root_dir, self.batch_size, self.input_size, self.num_workers = root_dir, batch_size, input_size, num_workers
         self.sequences = {
             "train": list(train_seqs or default_sequences(root_dir, "train")),
             "val": list(val_seqs or default_sequences(root_dir, "val")),
-            "test": list(test_seqs or default_sequences(root_dir, "test")),
         }
 
-    def frames(self, split: str, with_masks: bool) -> list[Frame]:
-        return [f for seq in self.sequences[split] for f in list_frames(self.root_dir, seq, with_masks)]
+    def frames(self, split: str) -> list[Frame]:
+        return [f for seq in self.sequences[split] for f in list_frames(self.root_dir, seq, with_masks=True)]
 
     def setup(self, stage: str):
         if stage == "fit":
-            self.train_set = LabelledFrames(self.frames("train", True), self.input_size, train=True)
+            self.train_set = LabelledFrames(self.frames("train"), self.input_size, train=True)
         if stage in ("fit", "validate"):
-            self.val_set = LabelledFrames(self.frames("val", True), self.input_size)
-        if stage == "predict":
-            self.predict_set = UnlabelledFrames(self.frames("test", False), self.input_size)
+            self.val_set = LabelledFrames(self.frames("val"), self.input_size)
 
-    def _loader(self, dataset, shuffle: bool):
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+    def _loader(self, dataset, shuffle: bool = False, sampler=None):
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self):
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self):
-        return self._loader(self.val_set, shuffle=False)
-
-    def predict_dataloader(self):
-        return self._loader(self.predict_set, shuffle=False)
+        """Each val frame exactly once. Under DDP Lightning would give the val loader a DistributedSampler, which pads
+        the val set with repeated frames to a multiple of the number of processes: those would be scored twice.
+        Lightning's UnrepeatedDistributedSampler (the one it uses for predict) gives each process a disjoint share
+        instead. Shares may differ by a batch; safe in validation, which runs no collective per step (DDP syncs no
+        buffers without grad; the metrics are reduced once, at the epoch's end)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.world_size == 1:
+            return self._loader(self.val_set)
+        sampler = UnrepeatedDistributedSampler(self.val_set, shuffle=False, **trainer.distributed_sampler_kwargs)
+        return self._loader(self.val_set, sampler=sampler)

@@ -17,14 +17,12 @@ overwritten.
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 
 import numpy as np
 import tifffile
 
-from dataset import DataError, read_tiff_2d
+from dataset import DataError, check_labels, read_tiff_2d, write_sequence
 
 
 def frame_number(name: str):
@@ -76,10 +74,11 @@ def import_sequence(images_path: str, root_dir: str, name: str, masks_path: str 
                     frames: slice = slice(None)) -> int:
     """Write one sequence in the challenge layout (`frames`: which of the input frames, in order); returns the number
     of frames written."""
-    targets = [os.path.join(root_dir, name)] + ([os.path.join(root_dir, f"{name}_GT")] if masks_path else [])
-    for target in targets:
+    for target in [os.path.join(root_dir, name)] + ([os.path.join(root_dir, f"{name}_GT")] if masks_path else []):
         if os.path.exists(target):
             raise DataError(f"{target}: already exists; choose another --name or remove it first")
+    if crop is not None and min(crop) <= 0:
+        raise DataError(f"{images_path}: --crop must be two positive sizes, got {tuple(crop)}")
     numbers, images = read_frames(images_path)
     numbers, images = numbers[frames], images[frames]
     if not images:
@@ -94,8 +93,7 @@ def import_sequence(images_path: str, root_dir: str, name: str, masks_path: str 
         for number, image, mask in zip(numbers, images, masks):
             if mask.shape != image.shape:
                 raise DataError(f"{masks_path}: frame {number} mask size {mask.shape} differs from image {image.shape}")
-            if not np.issubdtype(mask.dtype, np.integer):
-                raise DataError(f"{masks_path}: frame {number}: instance labels must be integers, got {mask.dtype}")
+            check_labels(mask, f"{masks_path}: frame {number}")
     if crop is not None:
         if masks is None:
             raise DataError("--crop follows the labelled colony and needs --masks")
@@ -106,21 +104,8 @@ def import_sequence(images_path: str, root_dir: str, name: str, masks_path: str 
         images = [image[w] for image, w in zip(images, windows)]
         masks = [mask[w] for mask, w in zip(masks, windows)]
 
-    os.makedirs(root_dir, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=root_dir, prefix=f".import-{name}-")
-    try:
-        os.makedirs(os.path.join(staging, "images")), os.makedirs(os.path.join(staging, "masks"))
-        for t, image in enumerate(images):
-            tifffile.imwrite(os.path.join(staging, "images", f"t{t:04d}.tif"), image)
-        if masks is not None:
-            label_dtype = np.uint16 if max(int(m.max()) for m in masks) <= np.iinfo(np.uint16).max else np.uint32
-            for t, mask in enumerate(masks):
-                tifffile.imwrite(os.path.join(staging, "masks", f"man_seg{t:04d}.tif"), mask.astype(label_dtype))
-            os.replace(os.path.join(staging, "masks"), targets[1])
-        os.replace(os.path.join(staging, "images"), targets[0])
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return len(images)
+    pairs = zip(images, masks if masks is not None else [None] * len(images))
+    return write_sequence(root_dir, name, pairs, with_gt=masks is not None)
 
 
 def main(argv=None):

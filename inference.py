@@ -12,67 +12,97 @@ import argparse
 import multiprocessing
 import os
 import sys
-import tempfile
 from collections import deque
 
 import numpy as np
-import tifffile
 import torch
 from torch.utils.data import DataLoader
 
-from dataset import DataError, UnlabelledFrames, default_sequences, list_frames
+from border_core import SCORE_SIZE, instances_at_size
+from dataset import (DataError, UnlabelledFrames, default_sequences, list_frames, narrowest_unsigned, prediction_name,
+                     write_tiff_atomically)
 from energy import EnergyMeter
-from unet import SCORE_SIZE, UNet, border_core_maps, instances_at_size, pick_device
+from unet import UNet
 
 
-def narrowest_unsigned(labels: np.ndarray) -> np.ndarray:
-    top = int(labels.max()) if labels.size else 0
-    for dtype in (np.uint8, np.uint16, np.uint32):
-        if top <= np.iinfo(dtype).max:
-            return labels.astype(dtype)
-    return labels.astype(np.uint64)
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
 
 
-def write_tiff_atomically(path: str, array: np.ndarray):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tif.tmp")
-    os.close(fd)
-    try:
-        tifffile.imwrite(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+@torch.inference_mode()
+def border_core_maps(model: UNet, loader, device: str | torch.device = "auto"):
+    """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices).
+
+    On the GPU when there is one (the baseline left the model on the CPU), there in float16 autocast and
+    channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per pixel) comes back to the host.
+    """
+    device = pick_device(device) if isinstance(device, str) else device
+    cuda = device.type == "cuda"
+    model = model.to(device).eval()
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    for images, indices in loader:
+        images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
+            semantic = model(images).argmax(1).to(torch.uint8)
+        yield indices.tolist(), semantic.cpu().numpy()
 
 
-def write_instances(semantic: np.ndarray, path: str, small_center_threshold: int, isolated_border_threshold: int):
-    """Postprocess one border-core map and write its 256 x 256 instance map (runs in the pool's processes)."""
-    instances = instances_at_size(semantic, SCORE_SIZE, small_center_threshold, isolated_border_threshold)
-    write_tiff_atomically(path, narrowest_unsigned(instances))
+class Postprocess:
+    """Border-core map -> instances at the score size, and, given an output folder, the prediction file written
+    (atomically). A class, not a closure, so that a process pool can take it."""
+
+    def __init__(self, model: UNet, frames=None, out_folder: str | None = None, output_size=SCORE_SIZE):
+        self.thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
+        self.names = [frame.name for frame in frames] if frames is not None else None
+        self.out_folder, self.output_size = out_folder, output_size
+
+    def __call__(self, index: int, semantic: np.ndarray):
+        instances = instances_at_size(semantic, self.output_size, *self.thresholds)
+        if self.out_folder is None:
+            return instances
+        path = os.path.join(self.out_folder, prediction_name(self.names[index]))
+        write_tiff_atomically(path, narrowest_unsigned(instances))
+        return path
+
+
+def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device = "auto",
+                                                   postprocess=None, pool=None, in_flight: int = 4):
+    """The one inference path (the baseline's name): run the model over a loader of (images, indices) batches and
+    yield (index, postprocess(index, border-core map)) in loader order; by default the instance map at 256 x 256.
+
+    With a multiprocessing pool, postprocessing runs in the pool while the model works on the next batches, at most
+    `in_flight` batches ahead, so memory stays bounded; a worker's error is raised here.
+    """
+    postprocess = postprocess or Postprocess(model)
+    pending = deque()
+    for indices, maps in border_core_maps(model, loader, device):
+        if pool is None:
+            yield from zip(indices, map(postprocess, indices, maps))
+            continue
+        pending.append((indices, pool.starmap_async(postprocess, list(zip(indices, maps)))))
+        while pending and (len(pending) > in_flight or pending[0][1].ready()):
+            done, result = pending.popleft()
+            yield from zip(done, result.get())
+    for done, result in pending:
+        yield from zip(done, result.get())
 
 
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
                      device: torch.device, pool=None) -> int:
-    """Predict every frame of one sequence. The model runs in this process; postprocessing and writing run in `pool`
-    (a multiprocessing pool, or inline without one), so they overlap with the model's next batches."""
+    """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames."""
     frames = list_frames(root_dir, sequence, with_masks=False)
     loader = DataLoader(UnlabelledFrames(frames, model.hparams.input_size), batch_size=batch_size,
                         num_workers=num_workers, pin_memory=device.type == "cuda")
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
-    thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
-    pending = deque()
-    for indices, maps in border_core_maps(model, loader, device):
-        jobs = [(m, os.path.join(out_folder, f"{frames[i].name}_256.tif"), *thresholds) for i, m in zip(indices, maps)]
-        if pool is None:
-            for job in jobs:
-                write_instances(*job)
-            continue
-        pending.append(pool.starmap_async(write_instances, jobs))
-        while len(pending) > 4:  # bounded: the model may run ahead of the pool by a few batches only
-            pending.popleft().get()  # .get() also raises a worker's error here
-    for result in pending:
-        result.get()
-    return len(frames)
+    written = predict_instance_segmentation_from_border_core(model, loader, device,
+                                                             Postprocess(model, frames, out_folder), pool)
+    return sum(1 for _ in written)
 
 
 def main(argv=None):

@@ -10,6 +10,7 @@ curves: train_loss, val_loss and val_instance_dice per epoch from a run's metric
 """
 import argparse
 import os
+import sys
 
 import matplotlib
 
@@ -22,7 +23,9 @@ from skimage.color import label2rgb
 from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
-from dataset import list_frames, mask_dir, read_mask, read_tiff_2d, resize_nearest, to_uint8_range
+from border_core import resize_nearest
+from dataset import (DataError, list_frames, mask_dir, prediction_path, read_mask, read_prediction, read_tiff_2d,
+                     to_uint8_range)
 
 PRED_COLOUR, GT_COLOUR = (255, 220, 0), (0, 220, 255)
 
@@ -43,7 +46,7 @@ def sample_pictures(root_dir: str, sequence: str, frame: int, out_dir: str):
     """img.png (the frame) and mask.png (its instances in random colours) of one GT frame."""
     match = [f for f in list_frames(root_dir, sequence, with_masks=True) if f.number == frame]
     if not match:
-        raise SystemExit(f"error: sequence {sequence} has no frame {frame}")
+        raise DataError(f"{os.path.join(root_dir, sequence)}: no frame {frame} with ground truth")
     image = read_tiff_2d(match[0].image_path)
     mask = read_mask(match[0].mask_path, image.shape)
     save_png(os.path.join(out_dir, "img.png"), grey_to_rgb(image))
@@ -61,19 +64,27 @@ def overlay(image: np.ndarray, prediction: np.ndarray, gt: np.ndarray | None) ->
 
 
 def overlay_pictures(root_dir: str, pred_dir: str, sequence: str, frames: list[int], out_dir: str) -> list[str]:
-    from eval import read_prediction
-
+    """One PNG per asked frame. Every frame is checked (image, prediction, GT) before the first picture is written."""
     has_gt = os.path.isdir(mask_dir(root_dir, sequence))
     by_number = {f.number: f for f in list_frames(root_dir, sequence, with_masks=has_gt)}
-    written = []
+    absent = [n for n in frames if n not in by_number]
+    if absent:
+        raise DataError(f"{os.path.join(root_dir, sequence)}: no frame {', '.join(map(str, absent))} "
+                        f"(frames {min(by_number)}..{max(by_number)})")
+    for number in frames:
+        path = prediction_path(pred_dir, sequence, by_number[number].name)
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: prediction of frame {number} not found")
+    pictures = []
     for number in frames:
         frame = by_number[number]
-        prediction = read_prediction(os.path.join(pred_dir, sequence, f"{frame.name}_256.tif"))
+        prediction = read_prediction(prediction_path(pred_dir, sequence, frame.name))
         gt = read_mask(frame.mask_path) if has_gt else None
-        path = os.path.join(out_dir, f"overlay_{sequence}_{frame.name}.png")
-        save_png(path, overlay(read_tiff_2d(frame.image_path), prediction, gt))
-        written.append(path)
-    return written
+        pictures.append((os.path.join(out_dir, f"overlay_{sequence}_{frame.name}.png"),
+                         overlay(read_tiff_2d(frame.image_path), prediction, gt)))
+    for path, rgb in pictures:
+        save_png(path, rgb)
+    return [path for path, _ in pictures]
 
 
 def training_curves(metrics_csv: str, out: str):
@@ -118,6 +129,13 @@ def main(argv=None):
     curves.add_argument("--metrics", required=True, help="a run's metrics.csv")
     curves.add_argument("--out", default="readme_imgs/curves.png")
     args = parser.parse_args(argv)
+    try:
+        run(args)
+    except DataError as error:
+        sys.exit(f"error: {error}")
+
+
+def run(args):
     if args.command == "sample":
         sample_pictures(args.root_dir, args.seq, args.frame, args.out_dir)
         print(f"wrote {args.out_dir}/img.png and {args.out_dir}/mask.png")

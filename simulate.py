@@ -19,12 +19,14 @@ Same seed, same bytes. The physics is vectorised over pairs of neighbouring cell
 import argparse
 import os
 import string
+import sys
 import time
 
 import numpy as np
-import tifffile
 from scipy import ndimage
 from scipy.spatial import cKDTree
+
+from dataset import DataError, write_sequence
 
 CELL_RADIUS = 6.0  # px: cells 12 px wide, like C. glutamicum at 0.072 µm/px
 DIVISION_LENGTH = 50.0  # px, tip to tip, mean of the per-cell threshold
@@ -256,16 +258,16 @@ def simulate_sequence(n_frames: int = 100, size=(256, 256), seed: int = 0):
         yield render_phase_contrast(labels, rng, illumination, chamber, darkness), labels, colony
 
 
-def write_sequence(root: str, name: str, n_frames: int, size, seed: int, with_gt: bool) -> dict:
-    os.makedirs(os.path.join(root, name), exist_ok=True)
-    if with_gt:
-        os.makedirs(os.path.join(root, f"{name}_GT"), exist_ok=True)
-    counts = []
-    for t, (image, labels, colony) in enumerate(simulate_sequence(n_frames, size, seed)):
-        tifffile.imwrite(os.path.join(root, name, f"t{t:04d}.tif"), image)
-        if with_gt:
-            tifffile.imwrite(os.path.join(root, f"{name}_GT", f"man_seg{t:04d}.tif"), labels)
-        counts.append(len(colony.label))
+def write_simulated_sequence(root: str, name: str, n_frames: int, size, seed: int, with_gt: bool) -> dict:
+    counts, colony = [], None
+
+    def frames():
+        nonlocal colony
+        for image, labels, colony in simulate_sequence(n_frames, size, seed):
+            counts.append(len(colony.label))
+            yield image, labels
+
+    write_sequence(root, name, frames(), with_gt)
     return {"cells_first": counts[0], "cells_last": counts[-1], "divisions": colony.divisions}
 
 
@@ -275,7 +277,7 @@ def write_dataset(root: str, n_sequences: int = 5, n_frames: int = 100, size=(25
     names = list(string.ascii_lowercase[:n_sequences])
     summary = {}
     for k, name in enumerate(names):
-        summary[name] = write_sequence(root, name, n_frames, size, seed * 1000 + k,
+        summary[name] = write_simulated_sequence(root, name, n_frames, size, seed * 1000 + k,
                                        with_gt=k < n_sequences - n_without_gt)
     return summary
 
@@ -291,7 +293,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     size = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     start = time.perf_counter()
-    summary = write_dataset(args.out_dir, args.sequences, args.frames, size, args.seed, args.without_gt)
+    try:
+        summary = write_dataset(args.out_dir, args.sequences, args.frames, size, args.seed, args.without_gt)
+    except DataError as error:
+        sys.exit(f"error: {error}")
     for name, info in summary.items():
         print(f"sequence {name}: {args.frames} frames of {size[0]} x {size[1]}, cells {info['cells_first']} -> "
               f"{info['cells_last']}, {info['divisions']} divisions")

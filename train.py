@@ -24,10 +24,8 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader
 
 from dataset import CellDataModule, DataError
 from energy import EnergyCallback
@@ -62,22 +60,6 @@ def parse_args(argv=None):
     if args.input_size % 8:
         parser.error(f"--input_size must be a multiple of 8 (three 2x2 poolings), got {args.input_size}")
     return args
-
-
-class ValidateEachFrameOnce(CellDataModule):
-    """Under DDP Lightning gives the val loader a DistributedSampler, which pads the val set with repeated frames to a
-    multiple of the number of processes: those frames would be scored twice. Lightning's UnrepeatedDistributedSampler
-    (the one it uses for predict) gives each process a disjoint share instead. Shares may differ by a batch; that is
-    safe in validation, which runs no collective per step (DDP syncs no buffers without grad; the metrics are reduced
-    once, at the epoch's end)."""
-
-    def val_dataloader(self):
-        loader = super().val_dataloader()
-        if self.trainer is None or self.trainer.world_size == 1:
-            return loader
-        sampler = UnrepeatedDistributedSampler(loader.dataset, shuffle=False, **self.trainer.distributed_sampler_kwargs)
-        return DataLoader(loader.dataset, loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
-                          persistent_workers=loader.persistent_workers, pin_memory=loader.pin_memory)
 
 
 class RequeueOnSignal(Callback):
@@ -154,10 +136,10 @@ def main(argv=None):
 
     split = lambda value: value.split(",") if value else None
     try:
-        data = ValidateEachFrameOnce(args.root_dir, split(args.train_seqs), split(args.val_seqs),
+        data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs),
                                      batch_size=args.batch_size, input_size=args.input_size,
                                      num_workers=args.num_workers)
-        data.frames("train", True), data.frames("val", True)  # fail on bad layout now, not after model set-up
+        data.frames("train"), data.frames("val")  # fail on bad layout now, not after model set-up
     except DataError as error:
         sys.exit(f"error: {error}")
     model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size)

@@ -1,13 +1,11 @@
 """Shared test helpers: tiny data roots written by the tests themselves."""
 import os
-import sys
 
 import numpy as np
 import pytest
 import tifffile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
 
 
@@ -46,11 +44,6 @@ def write_dataset(root, sequences=("a", "b", "c"), unlabelled=("d",), frames=4, 
     return str(root)
 
 
-@pytest.fixture
-def tiny_root(tmp_path):
-    return write_dataset(tmp_path / "data")
-
-
 def dense_labels(seed, size=(256, 256), n_cells=120):
     """A dense random label image: a Voronoi tessellation of random points, 1-px background gaps between some
     neighbours and scattered background pixels, so instances touch, split and meet the image edge."""
@@ -69,7 +62,7 @@ def dense_labels(seed, size=(256, 256), n_cells=120):
 def noisy_border_core(seed, size=(256, 256), n_cells=120, noise=0.05):
     """A border-core map as a model might predict it: exact targets of dense_labels with a fraction of pixels
     replaced by random classes (cores split and merge, stray border appears)."""
-    from dataset import border_core_targets
+    from border_core import border_core_targets
 
     semantic = border_core_targets(dense_labels(seed, size, n_cells))
     rng = np.random.default_rng(seed + 1000)

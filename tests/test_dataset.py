@@ -8,16 +8,18 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_dataset
-from dataset import (CellDataModule, DataError, LabelledFrames, detect_layout, list_frames, resize_nearest,
-                     to_uint8_range, random_horizontal_flip, random_brightness_contrast, border_core_targets)
+from border_core import border_core_targets, resize_nearest
+from dataset import (CellDataModule, DataError, LabelledFrames, default_sequences, detect_layout, list_frames,
+                     random_brightness_contrast, random_horizontal_flip, to_uint8_range)
 
 
 def test_detects_both_layouts_and_their_default_sequences(tmp_path):
     challenge = write_dataset(tmp_path / "challenge", frames=2)
     ctc = write_dataset(tmp_path / "ctc", sequences=("01", "02", "03"), unlabelled=("04",), frames=2, layout="ctc")
     assert detect_layout(challenge) == "challenge" and detect_layout(ctc) == "ctc"
-    assert CellDataModule(challenge).sequences == {"train": ["a", "b"], "val": ["c"], "test": ["d", "e"]}
-    assert CellDataModule(ctc).sequences == {"train": ["01", "02"], "val": ["03"], "test": ["04", "05"]}
+    assert CellDataModule(challenge).sequences == {"train": ["a", "b"], "val": ["c"]}
+    assert CellDataModule(ctc).sequences == {"train": ["01", "02"], "val": ["03"]}
+    assert default_sequences(challenge, "test") == ["d", "e"] and default_sequences(ctc, "test") == ["04", "05"]
     frames = list_frames(ctc, "03", with_masks=True)
     assert [f.mask_path for f in frames] == [os.path.join(ctc, "03_GT", "SEG", f"man_seg000{i}.tif") for i in (0, 1)]
 

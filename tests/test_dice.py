@@ -4,8 +4,8 @@ import pytest
 from acvl_utils.instance_segmentation.instance_matching import match_instances_dice
 
 from conftest import dense_labels
-from eval import instance_dice, match_instances
-from unet import instances_from_border_core
+from metrics import instance_dice, match_instances
+from border_core import instances_from_border_core
 from conftest import noisy_border_core
 
 

@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from conftest import ROOT, write_dataset
-from inference import narrowest_unsigned, write_tiff_atomically
+from dataset import DataError, narrowest_unsigned, write_tiff_atomically
 from eval import evaluate
 
 
@@ -100,10 +100,10 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(path, array):
         with open(path, "wb") as file:
             file.write(b"half")
-        raise OSError("disk full")
+        raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(tifffile, "imwrite", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(DataError, match=r"t0000_256\.tif: cannot write \(disk full\)"):
         write_tiff_atomically(str(tmp_path / "t0000_256.tif"), np.zeros((4, 4), np.uint8))
     assert os.listdir(tmp_path) == []
 
@@ -116,7 +116,9 @@ def test_pooled_postprocessing_equals_inline(trained):
     from torch.utils.data import DataLoader
 
     from dataset import UnlabelledFrames, list_frames
-    from unet import UNet, instances_at_size, predict_instance_segmentation_from_border_core
+    from border_core import instances_at_size
+    from inference import predict_instance_segmentation_from_border_core
+    from unet import UNet
 
     root, out, tmp = trained
     checkpoint = out / "checkpoints" / "last.ckpt"

@@ -4,7 +4,7 @@ import pytest
 from acvl_utils.instance_segmentation.instance_as_semantic_seg import convert_semantic_to_instanceseg
 
 from conftest import noisy_border_core
-from unet import instances_from_border_core
+from border_core import instances_from_border_core
 
 
 def reference(semantic):

@@ -4,7 +4,7 @@ import pytest
 
 from benchmark import border_core_targets_loop
 from conftest import dense_labels
-from dataset import border_core_targets
+from border_core import border_core_targets
 
 # the straightforward version the benchmark times against: the baseline's loop over instances
 per_instance_erosion = border_core_targets_loop
