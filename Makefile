@@ -1,6 +1,7 @@
 # The two commands on a fresh machine:
 #   make demo   install, simulate a small colony dataset, train, predict sequence c, score it, draw pictures
 #   make test   install (with the test extras) and run the test suite (.ci/run calls this)
+#   make test-fast   the in-process tests only, under a minute
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ DEMO_PRED ?= pred/demo
 DEMO_EPOCHS ?= 8
 PICTURES ?= $(DEMO_RUN)/pictures
 
-.PHONY: demo test install install-test readme-imgs clean
+.PHONY: demo test test-fast install install-test readme-imgs clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +28,11 @@ install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q
+
+# the in-process tests only (no training runs, subprocesses, real data or SLURM): under a minute
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow and not real and not slurm"
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_PRED)
@@ -36,7 +41,7 @@ demo: $(VENV)/.installed
 		--input_size 192
 	$(PY) inference.py --root_dir $(DEMO_DATA) --split val --from_checkpoint $(DEMO_RUN)/checkpoints/best.ckpt \
 		--pred_dir $(DEMO_PRED)
-	$(PY) eval.py --pred_dir $(DEMO_PRED) --gt_dir $(DEMO_DATA)
+	$(PY) eval.py --pred_dir $(DEMO_PRED) --root_dir $(DEMO_DATA)
 	$(PY) pictures.py sample --root_dir $(DEMO_DATA) --seq c --frame 39 --out_dir $(PICTURES)
 	$(PY) pictures.py overlay --root_dir $(DEMO_DATA) --pred_dir $(DEMO_PRED) --seq c --frames 20,39 \
 		--out_dir $(PICTURES)

@@ -237,11 +237,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
     parser.add_argument("--seq", default="c", help="sequence with GT to take frames from")
-    parser.add_argument("--frames", type=int, default=16, help="frames per stage")
+    parser.add_argument("--num_frames", "--frames", dest="num_frames", type=int, default=16, help="frames per stage")
     parser.add_argument("--size", type=int, default=512, help="frame size of the simulated colony")
     parser.add_argument("--input_size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default="benchmark.json")
     parser.add_argument("--seed", type=int, default=0)
@@ -253,14 +253,14 @@ def main(argv=None):
         root = args.root_dir
         if root is None:  # one dense simulated sequence in the challenge layout
             root = os.path.join(scratch, "data")
-            movie = list(simulate.simulate_sequence(120, (args.size, args.size), args.seed))[-args.frames:]
+            movie = list(simulate.simulate_sequence(120, (args.size, args.size), args.seed))[-args.num_frames:]
             write_sequence(root, args.seq, [(image, labels) for image, labels, _ in movie])
-        frames = list_frames(root, args.seq, with_masks=True)[-args.frames:]
+        frames = list_frames(root, args.seq, with_masks=True)[-args.num_frames:]
         masks = [read_mask(f.mask_path) for f in frames]
         cells = int(np.mean([len(np.unique(m)) - 1 for m in masks]))
         rows = postprocessing_rows(masks, device)
-        rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.workers)
-        rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.workers)
+        rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
+        rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
 
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,

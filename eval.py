@@ -1,6 +1,6 @@
 """Instance Dice (SPEC §6): score predicted instance maps against ground truth, per frame and overall.
 
-    python eval.py --pred_dir pred --gt_dir /path/to/data_root [--seqs c] [--csv pred/instance_dice.csv]
+    python eval.py --pred_dir pred --root_dir /path/to/data_root [--seqs c] [--csv pred/instance_dice.csv]
 """
 import argparse
 import os
@@ -59,14 +59,15 @@ def write_csv_atomically(table: pd.DataFrame, path: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pred_dir", required=True, help="folder with <seq>/t<frame>_256.tif predictions")
-    parser.add_argument("--gt_dir", required=True, help="data root with ground truth, challenge or CTC layout")
+    parser.add_argument("--root_dir", "--gt_dir", dest="root_dir", required=True,
+                        help="data root with ground truth, challenge or CTC layout (--gt_dir: the baseline's spelling)")
     parser.add_argument("--seqs", default=None,
                         help="comma-separated sequences to score (default: every sequence folder of pred_dir with GT)")
     parser.add_argument("--csv", default=None, help="per-frame scores (default: <pred_dir>/instance_dice.csv)")
     args = parser.parse_args(argv)
     meter = EnergyMeter(gpus=[]).start()  # scoring runs on the CPU: RAPL where readable, else time
     try:
-        table = evaluate(args.pred_dir, args.gt_dir, args.seqs.split(",") if args.seqs else None)
+        table = evaluate(args.pred_dir, args.root_dir, args.seqs.split(",") if args.seqs else None)
     except DataError as error:
         sys.exit(f"error: {error}")
     meter.stop()

@@ -22,4 +22,4 @@ set -euo pipefail
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
 [ -f "$REPO/eval.py" ] || { echo "error: no eval.py in $REPO: submit from the repository or set REPO" >&2; exit 2; }
 source "$REPO/job_setup.sh" eval.sh "$@"  # paths, venv, -r warning, environment; leaves the arguments in args
-python "$REPO/eval.py" --pred_dir "$PRED_DIR" --gt_dir "$DATA" "${args[@]}"
+python "$REPO/eval.py" --pred_dir "$PRED_DIR" --root_dir "$DATA" "${args[@]}"

@@ -19,6 +19,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import lightning as L
 import torch
@@ -55,11 +56,27 @@ def parse_args(argv=None):
                         help="continue the run in --out_dir from its newest checkpoint (automatic in a requeued job)")
     parser.add_argument("--early_stopping_patience", type=int, default=0,
                         help="stop when val_instance_dice has not improved for this many epochs (0: never)")
-    parser.add_argument("--progress_bar", action="store_true", help="show Lightning's progress bar")
+    parser.add_argument("--progress_bar", default="auto", choices=["auto", "on", "off"],
+                        help="Lightning's progress bar: auto shows it when the console is a terminal")
     args = parser.parse_args(argv)
     if args.input_size % 8:
         parser.error(f"--input_size must be a multiple of 8 (three 2x2 poolings), got {args.input_size}")
     return args
+
+
+class EpochLine(Callback):
+    """One line per epoch on the console: what a newcomer looks at while a run trains."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.start = time.perf_counter()
+
+    @rank_zero_only
+    def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation
+        metrics = trainer.callback_metrics
+        values = "  ".join(f"{name} {float(metrics[name]):.4f}" for name in
+                           ("train_loss", "val_loss", "val_instance_dice") if name in metrics)
+        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {values}  "
+              f"{time.perf_counter() - self.start:.1f} s", flush=True)
 
 
 class RequeueOnSignal(Callback):
@@ -154,7 +171,7 @@ def main(argv=None):
     # last.ckpt at the end of every epoch. Not save_last=True above: Lightning 2.6 writes that one only in an epoch
     # whose score improved, so a run (or a resume) would end on an older epoch.
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
-    callbacks = [checkpoints, last, EnergyCallback()]
+    callbacks = [checkpoints, last, EnergyCallback(), EpochLine()]
     if args.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_instance_dice", mode="max", min_delta=0.002,
                                        patience=args.early_stopping_patience))
@@ -168,10 +185,11 @@ def main(argv=None):
     num_nodes = args.num_nodes or (int(os.environ.get("SLURM_NNODES", 1)) if slurm else 1)
     # default_root_dir: on SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt found there; the run's own
     # folder, never the folder the job was submitted from
+    progress_bar = args.progress_bar == "on" or (args.progress_bar == "auto" and sys.stderr.isatty())
     trainer = L.Trainer(
         max_epochs=args.num_epochs, accelerator=args.accelerator, devices=devices, num_nodes=num_nodes,
         precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
-        benchmark=cuda, log_every_n_steps=1, enable_progress_bar=args.progress_bar, deterministic=False,
+        benchmark=cuda, log_every_n_steps=1, enable_progress_bar=progress_bar, deterministic=False,
     )
     trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     if trainer.is_global_zero:

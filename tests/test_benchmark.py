@@ -2,7 +2,11 @@
 fast path gives the output of its straightforward version). Timings are not tested: they are the script's output."""
 import json
 
+import pytest
+
 import benchmark
+
+pytestmark = [pytest.mark.slow]
 
 EXPECTED_ROWS = [
     "border-core targets, per-instance loop", "border-core targets, all at once",
@@ -16,14 +20,14 @@ EXPECTED_ROWS = [
 
 def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    benchmark.main(["--frames", "2", "--size", "128", "--input_size", "64", "--batch_size", "2", "--workers", "1",
+    benchmark.main(["--num_frames", "2", "--size", "128", "--input_size", "64", "--batch_size", "2", "--num_workers", "1",
                     "--json", str(out)])
     result = json.loads(out.read_text())
     assert [r["stage"] for r in result["rows"]] == EXPECTED_ROWS
     speedups = {r["stage"]: r["speedup"] for r in result["rows"]}
-    for fast in ("border-core targets, all at once", "instances_from_border_core", "instance_dice",
-                 "training loader, prepared once and cached"):
-        assert speedups[fast] is not None and speedups[fast] > 0
+    # the fast paths that win by orders of magnitude must beat their straightforward versions even on a busy machine
+    for fast in ("border-core targets, all at once", "instance_dice", "training loader, prepared once and cached"):
+        assert speedups[fast] is not None and speedups[fast] > 2, (fast, speedups[fast])
     assert all(r["frames_per_s"] > 0 and r["ms_per_frame"] > 0 for r in result["rows"])
     printed = capsys.readouterr().out
     assert all(name in printed for name in EXPECTED_ROWS) and "speed-up" in printed

@@ -13,6 +13,8 @@ import torch
 from conftest import ROOT, write_dataset
 from train import newest_checkpoint
 
+pytestmark = [pytest.mark.slow]
+
 FRAMES = 5  # per sequence: a, b train (10 frames), c validates; odd, so 2 processes cannot split c evenly
 EPOCHS = 2
 BATCH = 2

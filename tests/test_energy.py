@@ -249,6 +249,7 @@ def fit(out_dir, callback, model):
     return rows[0].keys(), epochs, totals
 
 
+@pytest.mark.slow
 def test_callback_writes_energy_columns(tmp_path, capsys):
     model = Tiny()
     wrap_uj = 3 * WH_UJ  # the fake package wraps every 6 steps: once in this run
@@ -272,6 +273,7 @@ def test_callback_writes_energy_columns(tmp_path, capsys):
     assert "energy: 12 Wh (GPU 8, CPU 4) in " in printed
 
 
+@pytest.mark.slow
 def test_callback_without_counters_says_so_and_logs_time(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "pynvml", None)
     absent = tmp_path / "no_powercap"

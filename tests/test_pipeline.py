@@ -12,6 +12,8 @@ from conftest import ROOT, write_dataset
 from dataset import DataError, narrowest_unsigned, write_tiff_atomically
 from eval import evaluate
 
+pytestmark = [pytest.mark.slow]
+
 
 def run(script, *args):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
@@ -52,7 +54,7 @@ def test_inference_then_eval(trained):
         for name in files:
             labels = tifffile.imread(pred / seq / name)
             assert labels.shape == (256, 256) and labels.dtype.kind == "u"
-    stdout = run("eval.py", "--pred_dir", pred, "--gt_dir", root)
+    stdout = run("eval.py", "--pred_dir", pred, "--root_dir", root)
     for output in (inference_out, stdout):  # energy or, where no counter is readable, plainly that it is not
         energy = [l for l in output.splitlines() if "energy: " in l]
         assert len(energy) == 1

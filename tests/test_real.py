@@ -16,7 +16,8 @@ from import_sequence import import_sequence
 from test_pipeline import run
 
 TRPL = os.path.join(SHARED_REAL, "trpL")
-pytestmark = pytest.mark.skipif(not os.path.isdir(TRPL), reason=f"real sample not present at {TRPL} (../shared/real)")
+pytestmark = [pytest.mark.slow, pytest.mark.real,
+              pytest.mark.skipif(not os.path.isdir(TRPL), reason=f"real sample not present at {TRPL} (../shared/real)")]
 CROP = (218, 282)
 IMAGES, MASKS = os.path.join(TRPL, "trpL_150310-11_img.tif"), os.path.join(TRPL, "trpL_150310-11_mask.tif")
 

@@ -18,6 +18,8 @@ import torch
 
 from conftest import ROOT, write_dataset
 
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
 CLUSTER_SH = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
 STATE_DIR = "/tmp/aihero-test-slurm"  # fixed, so that `up` stops whatever a killed earlier session left running
 LOCK_FILE = "/tmp/aihero-test-slurm.lock"  # one test cluster per machine: another checkout's suite waits its turn
