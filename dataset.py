@@ -18,14 +18,18 @@ import lightning as L
 import numpy as np
 import tifffile
 import torch
+from scipy import ndimage
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
+from augment import foreground_pixels, random_patch
 from border_core import border_core_targets, resize_nearest
 
 IMAGE_PATTERN = re.compile(r"^t(\d+)\.tiff?$")
 MASK_PATTERN = re.compile(r"^man_seg(\d+)\.tiff?$")
 PREDICTION_PATTERN = re.compile(r"^t(\d+)_256\.tiff?$")
+NATIVE_PREDICTION_PATTERN = re.compile(r"^mask(\d+)\.tiff?$")  # instance maps at the frame's own size
+INTENSITY_RULES = ("percentile", "baseline")
 
 # Default split of the challenge (a, b train; c validates; d, e are the test sequences without GT) and the same
 # roles for the five sequences of the public dataset in CTC layout.
@@ -77,10 +81,12 @@ def mask_name(number: int) -> str:
     return f"man_seg{number:04d}.tif"
 
 
-def prediction_name(image_name_or_number) -> str:
-    """The challenge's prediction file of a frame: t0042.tif (or its number 42) -> t0042_256.tif."""
+def prediction_name(image_name_or_number, native: bool = False) -> str:
+    """The challenge's prediction file of a frame: t0042.tif (or its number 42) -> t0042_256.tif; with `native`,
+    the instance map at the frame's own size, named as the Cell Tracking Challenge names results: mask0042.tif."""
     stem = image_name(image_name_or_number) if isinstance(image_name_or_number, int) else image_name_or_number
-    return f"{os.path.splitext(stem)[0]}_256.tif"
+    stem = os.path.splitext(stem)[0]
+    return f"mask{stem[1:]}.tif" if native else f"{stem}_256.tif"
 
 
 def mask_dir(root_dir: str, sequence: str, layout: str | None = None) -> str:
@@ -96,8 +102,8 @@ def mask_path(root_dir: str, sequence: str, number: int, layout: str | None = No
     return os.path.join(mask_dir(root_dir, sequence, layout), mask_name(number))
 
 
-def prediction_path(pred_dir: str, sequence: str, image_name_or_number) -> str:
-    return os.path.join(pred_dir, sequence, prediction_name(image_name_or_number))
+def prediction_path(pred_dir: str, sequence: str, image_name_or_number, native: bool = False) -> str:
+    return os.path.join(pred_dir, sequence, prediction_name(image_name_or_number, native))
 
 
 def numbered_files(folder: str, pattern: re.Pattern) -> dict[int, str]:
@@ -152,6 +158,18 @@ def read_tiff_2d(path: str) -> np.ndarray:
     return array
 
 
+def frame_shape(path: str) -> tuple[int, int]:
+    """A frame's 2-D size from its TIFF header, without reading the pixels."""
+    try:
+        with tifffile.TiffFile(path) as tif:
+            shape = tuple(s for s in tif.series[0].shape if s != 1)
+    except Exception as error:
+        raise DataError(f"{path}: unreadable TIFF ({error})") from error
+    if len(shape) != 2:
+        raise DataError(f"{path}: expected one 2-D single-channel frame, got an array of shape {shape}")
+    return shape
+
+
 def check_labels(labels: np.ndarray, path: str, what: str = "instance labels") -> np.ndarray:
     """An instance label image as every reader takes it: integers (or bool), none negative. Returned as it is."""
     if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
@@ -181,22 +199,41 @@ def read_prediction(path: str) -> np.ndarray:
     return check_labels(read_tiff_2d(path), path, "predicted instance labels")
 
 
-def to_uint8_range(image: np.ndarray) -> np.ndarray:
-    """Map a frame of any dtype to float32 on the 0..255 scale that the baseline's normalisation expects.
+def to_uint8_range(image: np.ndarray, intensity: str = "baseline") -> np.ndarray:
+    """Map a frame of any dtype to float32 on the 0..255 scale that the normalisation expects. Two rules:
 
-    uint8 (and bool, as 0/255) is taken as is, exactly as the baseline does. Every other dtype (uint16, int, float)
-    is stretched linearly so that its 0.1st percentile maps to 0 and its 99.9th to 255, then clipped: per frame, so
-    that drifting illumination and any bit depth land in the same range. A constant frame maps to 0.
+    - "percentile" (the default of the patch recipe): every dtype, uint8 included, is stretched linearly per frame so
+      that its 0.1st percentile maps to 0 and its 99.9th to 255, then clipped. A linear change of the grey values
+      (a uint8 and a uint16 copy of the same pixels, another exposure or offset) gives the same result.
+    - "baseline" (the faithful recipe): uint8 (and bool, as 0/255) is taken as is, exactly as the baseline does;
+      every other dtype is stretched as above.
+    A constant frame maps to 0.
     """
-    if image.dtype == np.uint8:
+    if intensity not in INTENSITY_RULES:
+        raise ValueError(f"intensity rule must be one of {INTENSITY_RULES}, got {intensity!r}")
+    if intensity == "baseline" and image.dtype == np.uint8:
         return image.astype(np.float32)
-    if image.dtype == bool:
+    if intensity == "baseline" and image.dtype == bool:
         return image.astype(np.float32) * 255
     image = image.astype(np.float32)
     low, high = np.percentile(image, (0.1, 99.9))
     if high <= low:
         return np.zeros_like(image)
     return np.clip((image - np.float32(low)) * np.float32(255.0 / (high - low)), 0, 255)
+
+
+def rescale(image: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
+    """A frame resized by `scale` (to round(side * scale)): bilinear for images (order 1), nearest for labels (order
+    0, the same index rule as resize_nearest). scale 1 returns the array itself."""
+    if scale == 1:
+        return image
+    size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
+    if order == 0:
+        return resize_nearest(image, size)
+    rows = (np.arange(size[0]) + 0.5) * image.shape[0] / size[0] - 0.5
+    cols = (np.arange(size[1]) + 0.5) * image.shape[1] / size[1] - 0.5
+    grid = np.meshgrid(rows, cols, indexing="ij")
+    return ndimage.map_coordinates(image.astype(np.float32, copy=False), grid, order=1, mode="nearest")
 
 
 # ----------------------------------------------------------------------------------------------------------------- writing
@@ -307,21 +344,31 @@ def random_brightness_contrast(image: torch.Tensor, p: float = 0.2, limit: float
 
 
 # ---------------------------------------------------------------------------------------------------------------- datasets
+# Two views of the frames. The faithful recipe (SPEC §4) resizes every frame to one square input_size. The patch
+# recipe keeps each frame at the model's scale (its own, times `scale`), trains on random patches of it and predicts
+# it whole, tile by tile.
 
-def load_image(frame: Frame, input_size: int) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image at input_size on the 0..255 scale (float32), and its size on disk."""
+def load_image(frame: Frame, input_size: int, intensity: str = "baseline") -> tuple[np.ndarray, tuple[int, int]]:
+    """Image at input_size x input_size on the 0..255 scale (float32), and its size on disk (the faithful view)."""
     image = read_tiff_2d(frame.image_path)
-    return resize_nearest(to_uint8_range(image), (input_size, input_size)), image.shape
+    return resize_nearest(to_uint8_range(image, intensity), (input_size, input_size)), image.shape
+
+
+def load_scaled(frame: Frame, scale: float = 1.0, intensity: str = "percentile") -> tuple[np.ndarray, tuple[int, int]]:
+    """Image at the model's scale on the 0..255 scale (float32), and its size on disk (the patch recipe's view)."""
+    image = read_tiff_2d(frame.image_path)
+    return rescale(to_uint8_range(image, intensity), scale), image.shape
 
 
 class LabelledFrames(Dataset):
-    """Frames with masks, decoded, turned into targets and resized once, then kept in memory.
+    """Frames with masks, decoded, turned into targets and resized once, then kept in memory (the faithful recipe).
 
     Item: (image 1 x S x S float, target S x S long, gt instances at score_size x score_size int64).
     Images are kept as float16 on the 0..255 scale: exact for uint8 data, 1/8 grey level for deeper data.
     """
 
-    def __init__(self, frames: list[Frame], input_size: int = 512, train: bool = False, score_size: int = 256):
+    def __init__(self, frames: list[Frame], input_size: int = 512, train: bool = False, score_size: int = 256,
+                 intensity: str = "baseline"):
         if not frames:
             raise DataError("no frames given")
         self.frames, self.train = frames, train
@@ -330,7 +377,7 @@ class LabelledFrames(Dataset):
         self.targets = np.empty((len(frames), input_size, input_size), np.uint8)
         self.instances = np.empty((len(frames), score_size, score_size), np.int64)
         for i, frame in enumerate(frames):
-            image, shape = load_image(frame, input_size)
+            image, shape = load_image(frame, input_size, intensity)
             mask = read_mask(frame.mask_path, shape, frame.image_path)
             self.images[i] = image
             self.targets[i] = resize_nearest(border_core_targets(mask), size)
@@ -348,31 +395,84 @@ class LabelledFrames(Dataset):
         return normalise(image), target, torch.from_numpy(self.instances[index])
 
 
-class UnlabelledFrames(Dataset):
-    """Frames for prediction, read lazily (in the loader's workers). Item: (image 1 x S x S float, index)."""
+class ScaledFrames(Dataset):
+    """Frames with masks at the model's scale, read once and kept in memory (the patch recipe).
 
-    def __init__(self, frames: list[Frame], input_size: int = 512):
+    As a training set (`patches_per_epoch` given) an item is a random augmented patch: (image 1 x P x P, target
+    P x P with augment.IGNORE outside the frame, an empty tensor); an epoch is that many patches, however few the
+    frames. As a validation set an item is a whole frame: (image 1 x H x W, target H x W, gt instances at
+    score_size x score_size), H x W the frame's size at the model's scale.
+    """
+
+    def __init__(self, frames: list[Frame], scale: float = 1.0, intensity: str = "percentile",
+                 patch_size: int = 256, patches_per_epoch: int | None = None, augment: bool = True,
+                 score_size: int = 256):
         if not frames:
             raise DataError("no frames given")
-        self.frames, self.input_size = frames, input_size
+        self.frames, self.patch_size, self.patches_per_epoch, self.augment = frames, patch_size, patches_per_epoch, augment
+        self.images, self.masks, self.foreground, self.instances = [], [], [], []
+        for frame in frames:
+            image, shape = load_scaled(frame, scale, intensity)
+            mask = compact_labels(read_mask(frame.mask_path, shape, frame.image_path))
+            self.images.append(image.astype(np.float16))
+            self.masks.append(rescale(mask, scale, order=0))
+            self.foreground.append(foreground_pixels(self.masks[-1]))
+            self.instances.append(resize_nearest(mask, (score_size, score_size)))
+
+    def __len__(self):
+        return self.patches_per_epoch or len(self.frames)
+
+    def __getitem__(self, index):
+        if self.patches_per_epoch is None:
+            image = torch.from_numpy(self.images[index].astype(np.float32))[None]
+            target = torch.from_numpy(border_core_targets(self.masks[index]).astype(np.int64))
+            return normalise(image), target, torch.from_numpy(self.instances[index])
+        # torch's generator is seeded per loader worker (seed_everything(workers=True)): reproducible patches
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+        k = int(rng.integers(len(self.frames)))
+        patch, target = random_patch(self.images[k].astype(np.float32), self.masks[k], self.patch_size, rng,
+                                     self.foreground[k], self.augment)
+        return normalise(torch.from_numpy(patch)[None]), torch.from_numpy(target.astype(np.int64)), torch.zeros(0)
+
+
+class UnlabelledFrames(Dataset):
+    """Frames for prediction, read lazily (in the loader's workers). Item: (image 1 x H x W float, index): resized to
+    input_size x input_size (faithful view) or, with `scale`, at the model's scale (patch view)."""
+
+    def __init__(self, frames: list[Frame], input_size: int = 512, scale: float | None = None,
+                 intensity: str = "baseline"):
+        if not frames:
+            raise DataError("no frames given")
+        self.frames, self.input_size, self.scale, self.intensity = frames, input_size, scale, intensity
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, index):
-        image, _ = load_image(self.frames[index], self.input_size)
+        if self.scale is None:
+            image, _ = load_image(self.frames[index], self.input_size, self.intensity)
+        else:
+            image, _ = load_scaled(self.frames[index], self.scale, self.intensity)
         return normalise(torch.from_numpy(image)[None]), index
 
 
 # ---------------------------------------------------------------------------------------------------------- data module
 
 class CellDataModule(L.LightningDataModule):
-    """Train and val loaders over sequences chosen by name (defaults by layout, see DEFAULT_SEQUENCES)."""
+    """Train and val loaders over sequences chosen by name (defaults by layout, see DEFAULT_SEQUENCES).
+
+    patch_size 0: the faithful recipe, whole frames resized to input_size. Otherwise the patch recipe: frames at the
+    model's scale (their own times `scale`), patches_per_epoch random augmented patches per epoch; validation on
+    whole frames, one per batch (frames of different sequences may differ in size).
+    """
 
     def __init__(self, root_dir: str, train_seqs=None, val_seqs=None, batch_size: int = 16, input_size: int = 512,
-                 num_workers: int = 2):
+                 num_workers: int = 2, patch_size: int = 0, patches_per_epoch: int = 512, scale: float = 1.0,
+                 intensity: str = "baseline", augment: bool = True):
         super().__init__()
         self.root_dir, self.batch_size, self.input_size, self.num_workers = root_dir, batch_size, input_size, num_workers
+        self.patch_size, self.patches_per_epoch, self.scale = patch_size, patches_per_epoch, scale
+        self.intensity, self.augment = intensity, augment
         self.sequences = {
             "train": list(train_seqs or default_sequences(root_dir, "train")),
             "val": list(val_seqs or default_sequences(root_dir, "val")),
@@ -382,13 +482,21 @@ class CellDataModule(L.LightningDataModule):
         return [f for seq in self.sequences[split] for f in list_frames(self.root_dir, seq, with_masks=True)]
 
     def setup(self, stage: str):
+        if self.patch_size:
+            if stage == "fit":
+                self.train_set = ScaledFrames(self.frames("train"), self.scale, self.intensity, self.patch_size,
+                                              self.patches_per_epoch, self.augment)
+            if stage in ("fit", "validate"):
+                self.val_set = ScaledFrames(self.frames("val"), self.scale, self.intensity)
+            return
         if stage == "fit":
-            self.train_set = LabelledFrames(self.frames("train"), self.input_size, train=True)
+            self.train_set = LabelledFrames(self.frames("train"), self.input_size, train=True, intensity=self.intensity)
         if stage in ("fit", "validate"):
-            self.val_set = LabelledFrames(self.frames("val"), self.input_size)
+            self.val_set = LabelledFrames(self.frames("val"), self.input_size, intensity=self.intensity)
 
     def _loader(self, dataset, shuffle: bool = False, sampler=None):
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, sampler=sampler,
+        batch_size = 1 if self.patch_size and dataset is getattr(self, "val_set", None) else self.batch_size
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 

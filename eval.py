@@ -11,14 +11,17 @@ import numpy as np
 import pandas as pd
 
 from border_core import resize_nearest
-from dataset import (MASK_PATTERN, PREDICTION_PATTERN, DataError, atomic_write, mask_dir, numbered_files,
+from dataset import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, atomic_write, mask_dir, numbered_files,
                      prediction_path, read_mask, read_prediction)
 from energy import EnergyMeter
 from metrics import score_frame
 
 
-def evaluate(pred_dir: str, gt_dir: str, sequences=None) -> pd.DataFrame:
-    """One row per GT frame of the chosen sequences: sequence, frame, score, gt_count, pred_count, matched."""
+def evaluate(pred_dir: str, gt_dir: str, sequences=None, native: bool = False) -> pd.DataFrame:
+    """One row per GT frame of the chosen sequences: sequence, frame, score, gt_count, pred_count, matched.
+
+    The challenge's way: <seq>/t<frame>_256.tif against the GT resized to 256 x 256 by nearest neighbour. With
+    `native`: <seq>/mask<frame>.tif (inference.py --native) against the GT at its own size."""
     if not os.path.isdir(pred_dir):
         raise DataError(f"{pred_dir}: prediction folder does not exist")
     if sequences is None:
@@ -35,17 +38,21 @@ def evaluate(pred_dir: str, gt_dir: str, sequences=None) -> pd.DataFrame:
         if not masks:
             raise DataError(f"{folder}: no mask named man_seg<number>.tif")
         pred_folder = os.path.join(pred_dir, sequence)
-        preds = numbered_files(pred_folder, PREDICTION_PATTERN) if os.path.isdir(pred_folder) else {}
+        pattern = NATIVE_PREDICTION_PATTERN if native else PREDICTION_PATTERN
+        preds = numbered_files(pred_folder, pattern) if os.path.isdir(pred_folder) else {}
         for number in sorted(preds.keys() - masks.keys()):
             warnings.warn(f"{preds[number]}: prediction without ground truth, not scored")
         for number, mask_path in sorted(masks.items()):
             if number not in preds:
-                missing.append(prediction_path(pred_dir, sequence, number))
+                missing.append(prediction_path(pred_dir, sequence, number, native))
                 gt_count = len(np.unique(read_mask(mask_path))) - 1
                 rows.append((sequence, number, 0.0, gt_count, 0, 0))
                 continue
             pred = read_prediction(preds[number])
-            gt = resize_nearest(read_mask(mask_path), pred.shape)
+            gt = read_mask(mask_path)
+            if native and gt.shape != pred.shape:
+                raise DataError(f"{preds[number]}: size {pred.shape} differs from its ground truth {mask_path} {gt.shape}")
+            gt = gt if native else resize_nearest(gt, pred.shape)
             rows.append((sequence, number, *score_frame(gt, pred)))
     if missing:
         warnings.warn(f"{len(missing)} frame(s) without a prediction score 0: " + ", ".join(missing))
@@ -63,11 +70,14 @@ def main(argv=None):
                         help="data root with ground truth, challenge or CTC layout (--gt_dir: the baseline's spelling)")
     parser.add_argument("--seqs", default=None,
                         help="comma-separated sequences to score (default: every sequence folder of pred_dir with GT)")
+    parser.add_argument("--native", action="store_true",
+                        help="score the native-size maps <seq>/mask<frame>.tif (inference.py --native) against the GT "
+                             "at its own size, instead of the challenge's 256 x 256")
     parser.add_argument("--csv", default=None, help="per-frame scores (default: <pred_dir>/instance_dice.csv)")
     args = parser.parse_args(argv)
     meter = EnergyMeter(gpus=[]).start()  # scoring runs on the CPU: RAPL where readable, else time
     try:
-        table = evaluate(args.pred_dir, args.root_dir, args.seqs.split(",") if args.seqs else None)
+        table = evaluate(args.pred_dir, args.root_dir, args.seqs.split(",") if args.seqs else None, args.native)
     except DataError as error:
         sys.exit(f"error: {error}")
     meter.stop()

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from border_core import SCORE_SIZE, instances_at_size
-from dataset import (DataError, UnlabelledFrames, default_sequences, list_frames, narrowest_unsigned, prediction_name,
-                     write_tiff_atomically)
+from augment import median_cell_width
+from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest
+from dataset import (DataError, UnlabelledFrames, default_sequences, frame_shape, list_frames, narrowest_unsigned,
+                     prediction_name, write_tiff_atomically)
 from energy import EnergyMeter
-from unet import UNet
+from unet import UNet, load_model, sliding_window_logits
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -32,11 +33,13 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 @torch.inference_mode()
-def border_core_maps(model: UNet, loader, device: str | torch.device = "auto"):
+def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", tile_batch: int = 4):
     """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices).
 
-    On the GPU when there is one (the baseline left the model on the CPU), there in float16 autocast and
-    channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per pixel) comes back to the host.
+    Faithful models see the frames resized to their input size; patch models see each frame whole at their scale,
+    tile by tile (unet.sliding_window_logits). On the GPU when there is one (the baseline left the model on the CPU),
+    there in float16 autocast and channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per
+    pixel) comes back to the host.
     """
     device = pick_device(device) if isinstance(device, str) else device
     cuda = device.type == "cuda"
@@ -45,29 +48,42 @@ def border_core_maps(model: UNet, loader, device: str | torch.device = "auto"):
         model = model.to(memory_format=torch.channels_last)
     for images, indices in loader:
         images = images.to(device, non_blocking=True)
-        if cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            semantic = model(images).argmax(1).to(torch.uint8)
+            if model.hparams.patch_size:
+                logits = [sliding_window_logits(model, image, model.hparams.tile_size, batch_size=tile_batch)
+                          for image in images]
+                semantic = torch.stack([l.argmax(0) for l in logits]).to(torch.uint8)
+            else:
+                if cuda:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                semantic = model(images).argmax(1).to(torch.uint8)
         yield indices.tolist(), semantic.cpu().numpy()
 
 
 class Postprocess:
-    """Border-core map -> instances at the score size, and, given an output folder, the prediction file written
-    (atomically). A class, not a closure, so that a process pool can take it."""
+    """Border-core map -> instances (in the model's pixels, where its thresholds hold) -> the challenge's 256 x 256
+    map and, with `native`, the map at the frame's own size; given an output folder, the files are written
+    atomically and their paths returned, else the 256 x 256 map is. A class, not a closure, so that a process pool
+    can take it."""
 
-    def __init__(self, model: UNet, frames=None, out_folder: str | None = None, output_size=SCORE_SIZE):
+    def __init__(self, model: UNet, frames=None, out_folder: str | None = None, output_size=SCORE_SIZE,
+                 native: bool = False):
         self.thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
-        self.names = [frame.name for frame in frames] if frames is not None else None
-        self.out_folder, self.output_size = out_folder, output_size
+        self.frames, self.out_folder, self.output_size, self.native = frames, out_folder, output_size, native
+        self.shapes = [frame_shape(frame.image_path) for frame in frames] if native else None
 
     def __call__(self, index: int, semantic: np.ndarray):
-        instances = instances_at_size(semantic, self.output_size, *self.thresholds)
+        instances = instances_from_border_core(semantic, *self.thresholds)
+        at_score_size = resize_nearest(instances, self.output_size)
         if self.out_folder is None:
-            return instances
-        path = os.path.join(self.out_folder, prediction_name(self.names[index]))
-        write_tiff_atomically(path, narrowest_unsigned(instances))
-        return path
+            return at_score_size
+        name = self.frames[index].name
+        paths = [os.path.join(self.out_folder, prediction_name(name))]
+        write_tiff_atomically(paths[0], narrowest_unsigned(at_score_size))
+        if self.native:
+            paths.append(os.path.join(self.out_folder, prediction_name(name, native=True)))
+            write_tiff_atomically(paths[1], narrowest_unsigned(resize_nearest(instances, self.shapes[index])))
+        return paths
 
 
 def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device = "auto",
@@ -92,16 +108,54 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
         yield from zip(done, result.get())
 
 
+def frames_loader(model: UNet, frames, scale: float, batch_size: int, num_workers: int, device: torch.device):
+    """Faithful models: frames resized to input_size, batched. Patch models: whole frames at the model's scale, one
+    per batch (the tiles are batched instead)."""
+    if model.hparams.patch_size:
+        dataset, batch_size = UnlabelledFrames(frames, scale=scale, intensity=model.hparams.intensity), 1
+    else:
+        dataset = UnlabelledFrames(frames, model.hparams.input_size, intensity=model.hparams.intensity)
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+
+
+def estimate_scale(model: UNet, frames, device: torch.device, probes: int = 3, rounds: int = 2) -> tuple[float, float]:
+    """(scale, measured cell width in px) for frames of unknown pixel size, the way Cellpose estimates a diameter by
+    segmenting: predict a few frames (first, middle, last), measure the median width of the cells found, rescale
+    so that it matches the model's cell width, and once more at the new scale to refine it."""
+    picks = [frames[k] for k in sorted({0, len(frames) // 2, len(frames) - 1})][:probes]
+    scale, measured = 1.0, float("nan")
+    for _ in range(rounds):
+        loader = frames_loader(model, picks, scale, 1, 0, device)
+        maps = [semantic for _, batch in border_core_maps(model, loader, device) for semantic in batch]
+        width_at_scale = median_cell_width([instances_from_border_core(m) for m in maps])
+        if not np.isfinite(width_at_scale) or width_at_scale <= 0:
+            break  # nothing found: keep the scale we have
+        measured = width_at_scale / scale
+        scale = float(np.clip(model.hparams.cell_width / measured, 0.25, 4.0))
+    return scale, measured
+
+
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
-                     device: torch.device, pool=None) -> int:
-    """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames."""
+                     device: torch.device, pool=None, cell_width: float | None = None, native: bool = False) -> int:
+    """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames.
+
+    cell_width: the cells' width in these frames, in px; patch models rescale the frames by their own cell width over
+    it. None: estimated (estimate_scale) when the model records its cell width, else the frames are taken as they are.
+    """
     frames = list_frames(root_dir, sequence, with_masks=False)
-    loader = DataLoader(UnlabelledFrames(frames, model.hparams.input_size), batch_size=batch_size,
-                        num_workers=num_workers, pin_memory=device.type == "cuda")
+    scale = 1.0
+    if model.hparams.patch_size and model.hparams.cell_width:
+        if cell_width is None:
+            scale, measured = estimate_scale(model, frames, device)
+            print(f"sequence {sequence}: cells about {measured:.1f} px wide (estimated), "
+                  f"model's {model.hparams.cell_width:.1f} px: scale {scale:.2f}")
+        else:
+            scale = model.hparams.cell_width / cell_width
+    loader = frames_loader(model, frames, scale, batch_size, num_workers, device)
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
-    written = predict_instance_segmentation_from_border_core(model, loader, device,
-                                                             Postprocess(model, frames, out_folder), pool)
+    written = predict_instance_segmentation_from_border_core(
+        model, loader, device, Postprocess(model, frames, out_folder, native=native), pool)
     return sum(1 for _ in written)
 
 
@@ -119,6 +173,11 @@ def main(argv=None):
     parser.add_argument("--postprocess_workers", type=int, default=min(8, os.cpu_count() or 1),
                         help="processes that turn border-core maps into instances and write them (0: inline)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
+    parser.add_argument("--cell_width", type=float, default=None,
+                        help="width of the cells in your frames, px (patch models rescale to their own scale); "
+                             "default: estimated from a first prediction")
+    parser.add_argument("--native", action="store_true",
+                        help="also write the instance maps at each frame's own size: <seq>/mask<frame>.tif")
     args = parser.parse_args(argv)
 
     if not os.path.isfile(args.from_checkpoint):
@@ -128,13 +187,13 @@ def main(argv=None):
     meter = EnergyMeter(gpus=[device.index or 0] if device.type == "cuda" else []).start()
     # fork the pool before CUDA is initialised: its processes only run numpy/scipy and never touch the GPU
     pool = multiprocessing.get_context("fork").Pool(args.postprocess_workers) if args.postprocess_workers else None
-    model = UNet.load_from_checkpoint(args.from_checkpoint, map_location=device)
+    model = load_model(args.from_checkpoint, map_location=device)
     total = 0
     try:
         sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
         for sequence in sequences:
             count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
-                                     args.num_workers, device, pool)
+                                     args.num_workers, device, pool, args.cell_width, args.native)
             total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
     except DataError as error:

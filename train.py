@@ -28,9 +28,20 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dataset import CellDataModule, DataError
+from augment import median_cell_width
+from dataset import CellDataModule, DataError, read_mask
 from energy import EnergyCallback
-from unet import UNet
+from unet import UNet, load_model
+
+
+# The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
+# microscopy (README: measured figures): the frames' own scale, patches, augmentation, a minimum of steps.
+RECIPES = {
+    "faithful": dict(num_epochs=100, batch_size=16, input_size=512, patch_size=0, patches_per_epoch=0, tile_size=512,
+                     intensity="baseline", min_steps=0),
+    "patches": dict(num_epochs=40, batch_size=8, input_size=512, patch_size=256, patches_per_epoch=128,
+                    tile_size=512, intensity="percentile", min_steps=300),
+}
 
 
 def parse_args(argv=None):
@@ -38,9 +49,30 @@ def parse_args(argv=None):
     parser.add_argument("--root_dir", required=True, help="data root, challenge or CTC layout")
     parser.add_argument("--train_seqs", default=None, help="comma-separated (default a,b; 01,02 in CTC layout)")
     parser.add_argument("--val_seqs", default=None, help="comma-separated (default c; 03 in CTC layout)")
-    parser.add_argument("--num_epochs", type=int, default=100)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--input_size", type=int, default=512, help="frames are resized to this square size")
+    parser.add_argument("--recipe", default="patches", choices=sorted(RECIPES),
+                        help="defaults of the flags below: 'patches' (random augmented patches at the frames' own "
+                             "scale, tiled validation) or 'faithful' (the baseline's SPEC §4: whole frames resized to "
+                             "512, 100 epochs, batch 16); any flag given explicitly wins")
+    parser.add_argument("--num_epochs", type=int, default=None, help="epochs; also the cosine schedule's T_max")
+    parser.add_argument("--batch_size", type=int, default=None)
+    parser.add_argument("--input_size", type=int, default=None,
+                        help="faithful recipe: frames are resized to this square size")
+    parser.add_argument("--patch_size", type=int, default=None,
+                        help="patch recipe: side of the random training patches (0: the faithful whole-frame view)")
+    parser.add_argument("--patches_per_epoch", type=int, default=None, help="patch recipe: patches in one epoch")
+    parser.add_argument("--tile_size", type=int, default=None,
+                        help="patch recipe: tile side for validation and inference on whole frames")
+    parser.add_argument("--intensity", default=None, choices=["percentile", "baseline"],
+                        help="normalisation rule: percentile (every dtype stretched per frame) or baseline (uint8 "
+                             "as is)")
+    parser.add_argument("--no_augment", action="store_true", help="patch recipe: plain crops, no augmentation")
+    parser.add_argument("--model_cell_width", type=float, default=None,
+                        help="patch recipe: rescale the training frames so that cells are this wide (px), the "
+                             "model's scale; default: the frames' own scale, or the --init_from model's")
+    parser.add_argument("--init_from", default=None,
+                        help="start from this checkpoint's weights (fine-tuning), e.g. the bundled model")
+    parser.add_argument("--min_steps", type=int, default=None,
+                        help="early stopping never ends a run before this many optimiser steps")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--accelerator", default="auto", help="auto, gpu, cpu")
     parser.add_argument("--devices", default=None,
@@ -59,8 +91,12 @@ def parse_args(argv=None):
     parser.add_argument("--progress_bar", default="auto", choices=["auto", "on", "off"],
                         help="Lightning's progress bar: auto shows it when the console is a terminal")
     args = parser.parse_args(argv)
-    if args.input_size % 8:
-        parser.error(f"--input_size must be a multiple of 8 (three 2x2 poolings), got {args.input_size}")
+    for name, value in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("input_size", "patch_size", "tile_size"):
+        if getattr(args, name) % 8:
+            parser.error(f"--{name} must be a multiple of 8 (three 2x2 poolings), got {getattr(args, name)}")
     return args
 
 
@@ -154,12 +190,24 @@ def main(argv=None):
     split = lambda value: value.split(",") if value else None
     try:
         data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs),
-                                     batch_size=args.batch_size, input_size=args.input_size,
-                                     num_workers=args.num_workers)
-        data.frames("train"), data.frames("val")  # fail on bad layout now, not after model set-up
+                              batch_size=args.batch_size, input_size=args.input_size, num_workers=args.num_workers,
+                              patch_size=args.patch_size, patches_per_epoch=args.patches_per_epoch,
+                              intensity=args.intensity, augment=not args.no_augment)
+        train_frames, _ = data.frames("train"), data.frames("val")  # fail on bad layout now, not after model set-up
+        init = load_model(args.init_from) if args.init_from else None
+        cell_width = None
+        if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
+            data_width = median_cell_width(read_mask(frame.mask_path) for frame in train_frames)
+            cell_width = args.model_cell_width or (init.hparams.cell_width if init is not None else None) or data_width
+            data.scale = cell_width / data_width
+            print(f"cells {data_width:.1f} px wide in the training frames; model's scale {cell_width:.1f} px "
+                  f"(frames rescaled by {data.scale:.2f})")
     except DataError as error:
         sys.exit(f"error: {error}")
-    model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size)
+    model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size, patch_size=args.patch_size,
+                 tile_size=args.tile_size, cell_width=cell_width, intensity=args.intensity)
+    if init is not None:
+        model.load_state_dict(init.state_dict())
 
     logger = CSVLogger(args.out_dir, name="", version="")
     metrics_file = os.path.join(args.out_dir, "metrics.csv")
@@ -187,7 +235,7 @@ def main(argv=None):
     # folder, never the folder the job was submitted from
     progress_bar = args.progress_bar == "on" or (args.progress_bar == "auto" and sys.stderr.isatty())
     trainer = L.Trainer(
-        max_epochs=args.num_epochs, accelerator=args.accelerator, devices=devices, num_nodes=num_nodes,
+        max_epochs=args.num_epochs, min_steps=args.min_steps or None, accelerator=args.accelerator, devices=devices, num_nodes=num_nodes,
         precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=progress_bar, deterministic=False,
     )

@@ -37,4 +37,5 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   # one process per task; srun of SLURM 22.05 does not inherit the job's --cpus-per-task by itself
   launch=(srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
 fi
-"${launch[@]}" python "$REPO/train.py" --root_dir "$DATA" --out_dir "$RUN_DIR" "${args[@]}"
+# the baseline's recipe unless RECIPE (or --recipe among the arguments) says otherwise
+"${launch[@]}" python "$REPO/train.py" --recipe "${RECIPE:-faithful}" --root_dir "$DATA" --out_dir "$RUN_DIR" "${args[@]}"

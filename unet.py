@@ -7,6 +7,7 @@ from torch import nn
 from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
+from augment import IGNORE
 from border_core import instances_from_border_core, resize_nearest
 from metrics import instance_dice
 
@@ -23,12 +24,17 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
 class UNet(L.LightningModule):
     """1 → 3 classes (background, core, border); 1,927,907 parameters with the default widths.
 
-    Input sides must be multiples of 2 ** (len(widths) - 1); the data module resizes every frame to input_size.
+    Input sides must be multiples of 2 ** (len(widths) - 1). What a checkpoint records about how it sees frames:
+    patch_size 0 (the faithful recipe): frames resized to input_size x input_size. patch_size > 0 (the patch recipe):
+    frames at the model's scale, where cells are `cell_width` px wide, predicted whole in tiles of tile_size;
+    `intensity` names the normalisation rule (dataset.to_uint8_range). The postprocessing thresholds are in the
+    model's pixels.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, widths=(32, 64, 128, 256), lr: float = 1e-3,
                  num_epochs: int = 100, input_size: int = 512, small_center_threshold: int = 30,
-                 isolated_border_threshold: int = 15):
+                 isolated_border_threshold: int = 15, patch_size: int = 0, tile_size: int = 512,
+                 cell_width: float | None = None, intensity: str = "baseline"):
         super().__init__()
         self.save_hyperparameters()
         widths = list(widths)
@@ -37,7 +43,7 @@ class UNet(L.LightningModule):
         self.upsample = nn.ModuleList([nn.ConvTranspose2d(b, a, 2, stride=2) for a, b in zip(widths[:-1], widths[1:])])
         self.decoder = nn.ModuleList([double_conv(2 * a, a) for a in widths[:-1]])
         self.head = nn.Conv2d(widths[0], num_classes, 1)
-        self.val_iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro")
+        self.val_iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=IGNORE)
         self.val_instance_dice = MeanMetric()
         self.val_frames = SumMetric()  # frames scored, over all DDP processes: each val frame exactly once
 
@@ -52,8 +58,8 @@ class UNet(L.LightningModule):
         return self.head(x)
 
     def training_step(self, batch, batch_idx):
-        images, targets, _ = batch
-        loss = F.cross_entropy(self(images), targets)
+        images, targets = batch[:2]
+        loss = F.cross_entropy(self(images), targets, ignore_index=IGNORE)
         # sync_dist: under DDP the epoch's loss is the mean over all processes (reduced once, at the epoch's end)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images),
                  sync_dist=True)
@@ -61,9 +67,13 @@ class UNet(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         images, targets, gt_instances = batch
-        logits = self(images)
+        if self.hparams.patch_size:  # whole frames at the model's scale, one per batch, tile by tile as in inference
+            logits = sliding_window_logits(self, images[0], self.hparams.tile_size)[None]
+        else:
+            logits = self(images)
         semantic = logits.argmax(1)
-        self.log("val_loss", F.cross_entropy(logits, targets), on_epoch=True, batch_size=len(images), sync_dist=True)
+        self.log("val_loss", F.cross_entropy(logits, targets, ignore_index=IGNORE), on_epoch=True,
+                 batch_size=len(images), sync_dist=True)
         self.val_iou.update(semantic, targets)
         for pred_map, gt in zip(semantic.cpu().numpy(), gt_instances.cpu().numpy()):
             instances = self.instances(pred_map)
@@ -81,3 +91,69 @@ class UNet(L.LightningModule):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hparams.num_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def load_model(path: str, map_location="cpu") -> UNet:
+    """A UNet from a checkpoint of train.py or a bundled weights file (the same two keys: hyper_parameters and
+    state_dict, which may be float16). Read with weights_only=True: tensors and plain values only, never code."""
+    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    model = UNet(**checkpoint["hyper_parameters"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
+    return model.to(map_location)
+
+
+# ------------------------------------------------------------------------------------------------------ tiled prediction
+
+def gaussian_weights(height: int, width: int, device=None) -> torch.Tensor:
+    """Centre-weighted blending map of a tile (sigma = 1/8 of its side, as nnU-Net's sliding window): a pixel's
+    prediction counts more where it had more context. Never zero, so every pixel gets a weight."""
+    def axis(n):
+        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
+        return torch.exp(-0.5 * (x / (n / 8)) ** 2)
+    weights = axis(height)[:, None] * axis(width)[None, :]
+    return (weights / weights.max()).clamp_min(1e-3)
+
+
+def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
+    """Start offsets of tiles of side `tile` covering `length`, neighbours overlapping by at least `overlap`."""
+    if length <= tile:
+        return [0]
+    count = int(np.ceil((length - tile) / (tile * (1 - overlap)))) + 1
+    return sorted(set(np.round(np.linspace(0, length - tile, count)).astype(int).tolist()))
+
+
+def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Pad the last two axes at the bottom and right, mirrored where the frame is large enough, else repeated."""
+    pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
+    if pad[1] == 0 and pad[3] == 0:
+        return image
+    mode = "reflect" if pad[1] < image.shape[-1] and pad[3] < image.shape[-2] else "replicate"
+    return F.pad(image[None], pad, mode=mode)[0]
+
+
+def sliding_window_logits(model: nn.Module, image: torch.Tensor, tile_size: int = 512, overlap: float = 0.25,
+                          batch_size: int = 4) -> torch.Tensor:
+    """Class logits (classes x H x W, float32) of a frame of any size (channels x H x W, on the model's device).
+
+    The frame is padded to a multiple of 8; if it then fits one tile it is predicted whole, exactly as model(frame).
+    Otherwise overlapping tiles of tile_size x tile_size (`batch_size` at a time, so memory is bounded by the tile
+    batch, not the frame) are predicted and their logits blended with centre-weighted maps (gaussian_weights).
+    """
+    height, width = image.shape[-2:]
+    padded_h, padded_w = -(-height // 8) * 8, -(-width // 8) * 8
+    image = pad_to(image, padded_h, padded_w)
+    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
+    corners = [(y, x) for y in tile_starts(padded_h, tile_h, overlap) for x in tile_starts(padded_w, tile_w, overlap)]
+    if len(corners) == 1:
+        return model(image[None])[0, :, :height, :width].float()
+    weights = gaussian_weights(tile_h, tile_w, image.device)
+    total, weight_sum = None, torch.zeros(padded_h, padded_w, device=image.device)
+    for start in range(0, len(corners), batch_size):
+        batch = corners[start:start + batch_size]
+        logits = model(torch.stack([image[:, y:y + tile_h, x:x + tile_w] for y, x in batch])).float()
+        if total is None:
+            total = torch.zeros(logits.shape[1], padded_h, padded_w, device=image.device)
+        for (y, x), tile_logits in zip(batch, logits):
+            total[:, y:y + tile_h, x:x + tile_w] += tile_logits * weights
+            weight_sum[y:y + tile_h, x:x + tile_w] += weights
+    return (total / weight_sum)[:, :height, :width]

@@ -21,7 +21,8 @@ BATCH = 2
 
 
 def train(*args, env=None):
-    args = ["--batch_size", BATCH, "--input_size", 64, "--num_workers", 0, "--accelerator", "cpu", *args]
+    args = ["--recipe", "faithful", "--batch_size", BATCH, "--input_size", 64, "--num_workers", 0, "--accelerator", "cpu",
+            *args]
     # one thread per process, as the sbatch scripts set it: on a busy 2-core machine more threads only thrash
     env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "train.py", *map(str, args)], capture_output=True, text=True, cwd=ROOT,

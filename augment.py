@@ -1,0 +1,109 @@
+"""Training patches for microscopy: random crops of frames held in memory, with the augmentations that real movies
+need, on numpy arrays. Pure numpy/scipy, no I/O, no torch.
+
+One resampling does crop, scale, rotation and flips at once: the patch's pixel grid is mapped into the frame
+(scaled, rotated about the crop centre, mirrored), the image is sampled there bilinearly (mirrored at the frame's
+edges) and the instance mask by nearest neighbour. The border-core targets are computed on the resampled mask, so
+the border stays 4 model pixels wide whatever the scale; pixels that fall outside the frame get IGNORE.
+"""
+import numpy as np
+from scipy import ndimage
+
+from border_core import border_core_targets
+
+IGNORE = 255  # target value of pixels the loss skips (outside the frame)
+
+
+def sample_grid(center, patch_size: int, scale: float = 1.0, angle: float = 0.0, flip: bool = False):
+    """(rows, cols) frame coordinates of a patch_size x patch_size grid centred on `center`, zoomed by `scale` (> 1
+    enlarges the cells), rotated by `angle` radians and mirrored left-right when `flip`."""
+    offsets = (np.arange(patch_size) - (patch_size - 1) / 2) / scale
+    dy, dx = np.meshgrid(offsets, offsets, indexing="ij")
+    if flip:
+        dx = -dx
+    cos, sin = np.cos(angle), np.sin(angle)
+    return center[0] + cos * dy - sin * dx, center[1] + sin * dy + cos * dx
+
+
+def resample(image: np.ndarray, mask: np.ndarray, rows: np.ndarray, cols: np.ndarray):
+    """Image sampled bilinearly at (rows, cols), mirrored beyond its edges; mask by nearest neighbour, 0 outside;
+    and which grid points lie inside the frame."""
+    patch = ndimage.map_coordinates(image.astype(np.float32, copy=False), [rows, cols], order=1, mode="mirror")
+    r, c = np.rint(rows).astype(np.int64), np.rint(cols).astype(np.int64)
+    inside = (r >= 0) & (r < mask.shape[0]) & (c >= 0) & (c < mask.shape[1])
+    labels = np.where(inside, mask[np.clip(r, 0, mask.shape[0] - 1), np.clip(c, 0, mask.shape[1] - 1)], 0)
+    return patch, labels, inside
+
+
+def random_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Gamma, contrast, brightness, defocus blur and noise on a 0..255 image: the ways one microscope's frames differ
+    from another's. Each is applied with its own probability, so plain frames stay common."""
+    x = image / 255.0
+    if rng.random() < 0.5:
+        x = np.clip(x, 0, None) ** np.exp(rng.uniform(np.log(0.7), np.log(1.5)))
+    if rng.random() < 0.5:
+        mean = x.mean()
+        x = (x - mean) * rng.uniform(0.7, 1.3) + mean
+    if rng.random() < 0.5:
+        x = x + rng.uniform(-0.15, 0.15)
+    if rng.random() < 0.25:
+        x = ndimage.gaussian_filter(x, rng.uniform(0.3, 1.2))
+    if rng.random() < 0.25:
+        x = x + rng.normal(0, rng.uniform(0.005, 0.04), x.shape)
+    return (np.clip(x, -0.5, 1.5) * 255.0).astype(np.float32)
+
+
+def random_patch(image: np.ndarray, mask: np.ndarray, patch_size: int, rng: np.random.Generator,
+                 foreground=None, augment: bool = True, scale_range=(0.7, 1.4), foreground_bias: float = 0.8,
+                 intensity: bool = True):
+    """One training sample: (image patch float32 on the 0..255 scale, border-core targets uint8 with IGNORE outside
+    the frame).
+
+    The centre is a random foreground pixel with probability `foreground_bias` (cells are often a small part of a
+    real frame; `foreground` is an (N, 2) array of candidate pixels, e.g. from `foreground_pixels`), else anywhere.
+    With `augment`: scale log-uniform in `scale_range`, any rotation, a mirror half of the time, and
+    `random_intensity` (unless `intensity` is False). Without it the patch is an axis-aligned crop at scale 1.
+    """
+    height, width = mask.shape
+    if foreground is not None and len(foreground) and rng.random() < foreground_bias:
+        center = foreground[rng.integers(len(foreground))].astype(np.float64)
+    else:
+        center = np.array([rng.uniform(0, height - 1), rng.uniform(0, width - 1)])
+    scale, angle, flip = 1.0, 0.0, False
+    if augment:
+        scale = float(np.exp(rng.uniform(*np.log(scale_range))))
+        angle, flip = rng.uniform(0, 2 * np.pi), bool(rng.random() < 0.5)
+    # keep the crop inside the frame where the frame is large enough, so that little of a patch is padding
+    half = (patch_size - 1) / 2 / scale
+    for axis, size in enumerate((height, width)):
+        center[axis] = np.clip(center[axis], half, size - 1 - half) if size - 1 >= 2 * half else (size - 1) / 2
+    rows, cols = sample_grid(center, patch_size, scale, angle, flip)
+    patch, labels, inside = resample(image, mask, rows, cols)
+    targets = border_core_targets(labels)
+    targets[~inside] = IGNORE
+    if augment and intensity:
+        patch = random_intensity(patch, rng)
+    return patch, targets
+
+
+def foreground_pixels(mask: np.ndarray, stride: int = 4) -> np.ndarray:
+    """(N, 2) int32 coordinates of foreground pixels on a stride x stride grid: candidate patch centres, small enough
+    to keep for every frame in memory."""
+    rows, cols = np.nonzero(mask[::stride, ::stride])
+    return (np.stack([rows, cols], 1) * stride).astype(np.int32)
+
+
+def median_cell_width(masks) -> float:
+    """Median width of the instances of some label images, in px: twice the largest distance from a cell's pixel to
+    the nearest pixel outside it (background or another cell), minus one. For a rod that is its diameter; it is how
+    the model's scale is stated (Cellpose states it as a diameter in the same spirit). One distance transform per
+    cell, in its bounding box."""
+    widths = []
+    for mask in masks:
+        mask = np.asarray(mask)
+        for label, box in enumerate(ndimage.find_objects(mask), start=1):
+            if box is None:
+                continue
+            cell = np.pad(mask[box] == label, 1)
+            widths.append(2 * ndimage.distance_transform_edt(cell).max() - 1)
+    return float(np.median(widths)) if widths else float("nan")

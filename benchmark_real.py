@@ -1,0 +1,156 @@
+"""Quality on real microscopy, recipes side by side: scores on frames used for neither training nor model selection.
+
+    python benchmark_real.py                                   # every dataset, every recipe (hours on a 2-core CPU)
+    python benchmark_real.py --datasets trpL --recipes ceiling,patches
+    python benchmark_real.py --faithful_epochs 30              # a shorter faithful run, named as such in the table
+
+Data (read from ../shared/real, never copied into the repository; written as sequences under --out_dir/data):
+- trpL: the E. coli time-lapse, 20 frames of 727 x 1026 uint16 at their own size: frames 0-11 train (a), 12-14
+  select the best checkpoint (b), 15-19 are the test frames (c).
+- usiigaci: phase-contrast mammalian cells, 1022 x 1024: a's frames 0-17 train, 18-21 select, b's 23 frames test.
+
+Rows per dataset: the method's ceiling (ground truth -> border-core targets -> postprocessing), the faithful recipe
+(SPEC §4), the patch recipe from scratch, and, where a checkpoint is given (--generalist), that model zero-shot and
+fine-tuned. Instance Dice on the test frames at 256 x 256 (the challenge's) and at the frames' own size; the CPU-seconds
+of each training (user + system of the training process and its children, from os.wait4) and its wall time. Writes
+the table as CSV and JSON into --out_dir.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+from border_core import border_core_targets, instances_from_border_core, resize_nearest
+from dataset import DataError, list_frames, read_mask, read_tiff_2d, write_sequence
+from eval import evaluate
+from metrics import instance_dice
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
+
+# name -> (train, select, test) sequences: (sequence name, source, frame range)
+SPLITS = {
+    "trpL": {"a": ("trpL", slice(0, 12)), "b": ("trpL", slice(12, 15)), "c": ("trpL", slice(15, 20))},
+    "usiigaci": {"a": ("a", slice(0, 18)), "b": ("a", slice(18, 22)), "c": ("b", slice(0, None))},
+}
+
+
+def source_frames(real_dir: str, dataset: str, source: str, frames: slice):
+    """(image, mask) pairs of one piece of a real dataset."""
+    if dataset == "trpL":
+        import tifffile
+        images = tifffile.imread(os.path.join(real_dir, "trpL", "trpL_150310-11_img.tif"))[frames]
+        masks = tifffile.imread(os.path.join(real_dir, "trpL", "trpL_150310-11_mask.tif"))[frames]
+        return list(zip(images, masks))
+    root = os.path.join(real_dir, dataset)
+    return [(read_tiff_2d(f.image_path), read_mask(f.mask_path)) for f in list_frames(root, source, True)[frames]]
+
+
+def prepare(real_dir: str, dataset: str, data_root: str) -> str:
+    root = os.path.join(data_root, dataset)
+    for sequence, (source, frames) in SPLITS[dataset].items():
+        if not os.path.isdir(os.path.join(root, sequence)):
+            write_sequence(root, sequence, source_frames(real_dir, dataset, source, frames))
+    return root
+
+
+def ceiling(root: str, sequence: str = "c") -> dict:
+    """Instance Dice of the ground truth passed through targets and postprocessing: what a perfect model scores."""
+    native, small = [], []
+    for frame in list_frames(root, sequence, with_masks=True):
+        gt = read_mask(frame.mask_path)
+        instances = instances_from_border_core(border_core_targets(gt))
+        native.append(instance_dice(gt, instances))
+        small.append(instance_dice(resize_nearest(gt, (256, 256)), resize_nearest(instances, (256, 256))))
+    return {"dice_256": float(np.mean(small)), "dice_native": float(np.mean(native))}
+
+
+def run_timed(command: list[str], log_path: str) -> tuple[float, float]:
+    """Run a command to completion with its output in a log; (CPU-seconds of it and its children, wall seconds)."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"error: {log_path}: {' '.join(command[:2])} failed, see the log")
+    return usage.ru_utime + usage.ru_stime, time.perf_counter() - start
+
+
+def score(root: str, checkpoint: str, pred_dir: str, log_dir: str, extra=()) -> dict:
+    """Predict the test sequence c with a checkpoint and score it at 256 and at native size."""
+    run_timed([sys.executable, "inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint,
+               "--pred_dir", pred_dir, "--native", *extra], os.path.join(log_dir, "inference.log"))
+    return {"dice_256": float(evaluate(pred_dir, root, ["c"])["score"].mean()),
+            "dice_native": float(evaluate(pred_dir, root, ["c"], native=True)["score"].mean())}
+
+
+def train_and_score(root: str, run_dir: str, train_args: list[str]) -> dict:
+    os.makedirs(run_dir, exist_ok=True)
+    cpu, wall = run_timed([sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
+                           "--out_dir", os.path.join(run_dir, "run"), "--progress_bar", "off", *train_args],
+                          os.path.join(run_dir, "train.log"))
+    result = score(root, os.path.join(run_dir, "run", "checkpoints", "best.ckpt"), os.path.join(run_dir, "pred"),
+                   run_dir)
+    metrics = pd.read_csv(os.path.join(run_dir, "run", "metrics.csv"))
+    result.update(cpu_seconds=cpu, wall_seconds=wall, epochs=int(metrics["epoch"].max() + 1),
+                  best_val=float(metrics["val_instance_dice"].max()))
+    return result
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--real_dir", default=SHARED_REAL, help="the real data (see its README)")
+    parser.add_argument("--out_dir", default="runs/benchmark_real")
+    parser.add_argument("--datasets", default="trpL,usiigaci")
+    parser.add_argument("--recipes", default="ceiling,faithful,patches,zero_shot,fine_tuned")
+    parser.add_argument("--faithful_epochs", type=int, default=100, help="SPEC §4: 100")
+    parser.add_argument("--patch_args", default="", help="extra train.py arguments of the patch recipe")
+    parser.add_argument("--generalist", default=None, help="a checkpoint for the zero-shot and fine-tuned rows")
+    args = parser.parse_args(argv)
+    if not os.path.isdir(args.real_dir):
+        sys.exit(f"error: {args.real_dir}: real data not found (see ../shared/real/README.md)")
+    recipes = args.recipes.split(",")
+    rows = []
+    for dataset in args.datasets.split(","):
+        try:
+            root = prepare(args.real_dir, dataset, os.path.join(args.out_dir, "data"))
+        except DataError as error:
+            sys.exit(f"error: {error}")
+        out = os.path.join(args.out_dir, dataset)
+        todo = {
+            "ceiling": lambda: ceiling(root),
+            "faithful": lambda: train_and_score(root, os.path.join(out, "faithful"), [
+                "--recipe", "faithful", "--num_epochs", str(args.faithful_epochs)]),
+            "patches": lambda: train_and_score(root, os.path.join(out, "patches"), [
+                "--recipe", "patches", *args.patch_args.split()]),
+        }
+        if args.generalist:
+            todo["zero_shot"] = lambda: score(root, args.generalist, os.path.join(out, "zero_shot", "pred"),
+                                              os.makedirs(os.path.join(out, "zero_shot"), exist_ok=True)
+                                              or os.path.join(out, "zero_shot"))
+            todo["fine_tuned"] = lambda: train_and_score(root, os.path.join(out, "fine_tuned"), [
+                "--recipe", "patches", "--init_from", args.generalist, *args.patch_args.split()])
+        for recipe in recipes:
+            if recipe not in todo:
+                continue
+            label = f"faithful ({args.faithful_epochs} epochs)" if recipe == "faithful" else recipe
+            print(f"{dataset}: {label} ...", flush=True)
+            row = {"dataset": dataset, "recipe": label, **todo[recipe]()}
+            rows.append(row)
+            print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+                                   if k not in ("dataset", "recipe")), flush=True)
+    table = pd.DataFrame(rows)
+    os.makedirs(args.out_dir, exist_ok=True)
+    table.to_csv(os.path.join(args.out_dir, "benchmark_real.csv"), index=False)
+    with open(os.path.join(args.out_dir, "benchmark_real.json"), "w") as file:
+        json.dump(rows, file, indent=2)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()

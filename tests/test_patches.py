@@ -1,0 +1,155 @@
+"""The patch recipe: augmentations keep image and targets aligned, tiled prediction equals whole-frame prediction where
+a frame fits one tile and leaves no seam where it does not, one normalisation for every dtype, the scale, and a short
+patch-recipe training with fine-tuning from its checkpoint."""
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+import tifffile
+import torch
+from scipy import ndimage
+from torch import nn
+
+from augment import IGNORE, median_cell_width, random_patch, sample_grid
+from border_core import instances_from_border_core
+from conftest import ROOT, write_dataset
+from dataset import UnlabelledFrames, list_frames, rescale, to_uint8_range
+from unet import UNet, sliding_window_logits, tile_starts
+
+
+def rods(shape=(120, 150)):
+    """Three hand-placed cells: a horizontal rod, a vertical rod and an L, so that any mirror or turn shows."""
+    mask = np.zeros(shape, np.int32)
+    mask[20:32, 10:70] = 1
+    mask[40:110, 100:112] = 2
+    mask[70:82, 20:60] = 3
+    mask[50:82, 20:32] = 3
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_augmented_patch_keeps_image_and_targets_aligned(seed):
+    mask = rods()
+    image = np.where(mask > 0, 200.0, 40.0).astype(np.float32)  # cells bright, background dark
+    patch, targets = random_patch(image, mask, 64, np.random.default_rng(seed), augment=True, intensity=False)
+    assert patch.shape == targets.shape == (64, 64)
+    # a core pixel lies 4 patch pixels inside its cell (>= 2.8 frame px at the smallest scale): all four bilinear
+    # neighbours are inside, so the image there is exactly the cells' grey; background far from cells is exactly dark
+    assert np.allclose(patch[targets == 1], 200.0)
+    far = (targets == 0) & ~ndimage.maximum_filter(targets > 0, size=7)
+    far[:3], far[-3:], far[:, :3], far[:, -3:] = False, False, False, False  # cells just beyond the patch blur in
+    assert far.any() and np.allclose(patch[far], 40.0)
+    assert set(np.unique(targets)) <= {0, 1, 2, IGNORE}
+
+
+def test_grid_mirrors_turns_and_zooms_about_the_centre():
+    rows, cols = sample_grid(np.array([10.0, 20.0]), 3)
+    np.testing.assert_allclose(rows, [[9, 9, 9], [10, 10, 10], [11, 11, 11]])
+    np.testing.assert_allclose(cols, [[19, 20, 21]] * 3)
+    rows, cols = sample_grid(np.array([10.0, 20.0]), 3, scale=2.0, flip=True)
+    np.testing.assert_allclose(cols, [[20.5, 20, 19.5]] * 3)
+    rows, cols = sample_grid(np.array([10.0, 20.0]), 3, angle=np.pi / 2)
+    np.testing.assert_allclose(rows, [[11, 10, 9]] * 3, atol=1e-12)  # a quarter turn: columns become rows
+    np.testing.assert_allclose(cols, [[19, 19, 19], [20, 20, 20], [21, 21, 21]], atol=1e-12)
+
+
+def test_plain_patch_is_a_crop_and_outside_is_ignored():
+    mask = rods((40, 50))
+    image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
+    patch, targets = random_patch(image, mask, 64, np.random.default_rng(0), augment=False)
+    assert (targets == IGNORE).any() and (targets != IGNORE).sum() == 40 * 50  # the frame once, the rest ignored
+
+
+class PixelModel(nn.Module):
+    """A stand-in with a known answer: dark pixels are core, grey ones border, bright ones background. Pixel-wise,
+    so tiling cannot change what it predicts."""
+
+    def forward(self, x):
+        return torch.cat([x - 0.5, -(x + 0.5).abs() + 0.2, -(x.abs() - 0.1)], 1) * 10
+
+
+def test_tiled_prediction_is_whole_frame_prediction_when_one_tile_holds_it():
+    torch.manual_seed(0)
+    model = UNet().eval()
+    image = torch.randn(1, 96, 120)
+    with torch.no_grad():
+        whole = model(image[None])[0]
+        tiled = sliding_window_logits(model, image, tile_size=128)
+    assert torch.equal(whole, tiled)
+    with torch.no_grad():  # a frame whose sides are no multiple of 8: padded, predicted once, cropped back
+        odd = torch.randn(1, 90, 101)
+        assert sliding_window_logits(model, odd, tile_size=128).shape == (3, 90, 101)
+
+
+def test_tiles_cover_the_frame_and_leave_no_seam():
+    assert tile_starts(300, 128, 0.25)[0] == 0 and tile_starts(300, 128, 0.25)[-1] == 300 - 128
+    # long cells that cross every tile edge: a seam would split them
+    frame = np.ones((200, 264), np.float32)
+    truth = np.zeros(frame.shape, np.int32)
+    for k, row in enumerate(range(10, 190, 30)):
+        frame[row:row + 14, 8:256] = 0.0  # border ring grey, interior dark
+        frame[row + 4:row + 10, 12:252] = -1.0
+        truth[row:row + 14, 8:256] = k + 1
+    image = torch.from_numpy(frame)[None]
+    with torch.no_grad():
+        tiled = sliding_window_logits(PixelModel(), image, tile_size=64, overlap=0.25).argmax(0).numpy()
+        whole = PixelModel()(image[None])[0].argmax(0).numpy()
+    np.testing.assert_array_equal(tiled, whole)
+    instances = instances_from_border_core(tiled)
+    assert len(np.unique(instances)) - 1 == truth.max()
+    for k in range(1, truth.max() + 1):
+        assert len(np.unique(instances[truth == k])) == 1  # one label per cell, across every tile edge
+
+
+def test_uint8_and_uint16_copies_give_the_same_input_and_prediction(tmp_path):
+    rng = np.random.default_rng(0)
+    image8 = rng.integers(20, 230, (64, 80)).astype(np.uint8)
+    for dtype, copy in (("uint8", image8), ("uint16", image8.astype(np.uint16) * 257 + 1000)):
+        os.makedirs(tmp_path / dtype / "a")
+        tifffile.imwrite(tmp_path / dtype / "a" / "t0000.tif", copy)
+    items = [UnlabelledFrames(list_frames(str(tmp_path / d), "a", False), scale=1.0, intensity="percentile")[0][0]
+             for d in ("uint8", "uint16")]
+    np.testing.assert_allclose(items[0], items[1], atol=1e-5)
+    torch.manual_seed(0)
+    model = UNet(patch_size=64, tile_size=64).eval()
+    with torch.no_grad():
+        maps = [sliding_window_logits(model, item, 64).argmax(0) for item in items]
+    assert torch.equal(maps[0], maps[1])
+    # the baseline's rule keeps uint8 as it is, so there the two copies differ
+    assert not np.allclose(to_uint8_range(image8, "baseline"), to_uint8_range(image8.astype(np.uint16) * 257, "baseline"))
+
+
+def test_median_cell_width_and_rescale():
+    mask = np.zeros((100, 200), np.int32)
+    for k in range(5):  # touching rods 9 px wide: measured one by one
+        mask[10 + 9 * k:19 + 9 * k, 20:180] = k + 1
+    assert median_cell_width([mask]) == pytest.approx(9, abs=1)
+    assert median_cell_width([rescale(mask, 2.0, order=0)]) == pytest.approx(18, abs=1.5)
+    assert rescale(np.ones((10, 20), np.float32), 1.5).shape == (15, 30)
+
+
+@pytest.mark.slow
+def test_patch_recipe_trains_and_fine_tunes(tmp_path):
+    from test_pipeline import run
+
+    root = write_dataset(tmp_path / "data", sequences=("a", "b", "c"), unlabelled=("d",), frames=4, shape=(90, 110))
+    tiny = ["--patch_size", 64, "--tile_size", 64, "--patches_per_epoch", 32, "--batch_size", 4, "--num_workers", 0,
+            "--min_steps", 0]
+    run("train.py", "--root_dir", root, "--out_dir", tmp_path / "scratch", "--num_epochs", 3, *tiny)
+    metrics = pd.read_csv(tmp_path / "scratch" / "metrics.csv")
+    loss = metrics.dropna(subset=["train_loss"]).set_index("epoch")["train_loss"]
+    assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
+    checkpoint = tmp_path / "scratch" / "checkpoints" / "last.ckpt"
+    out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 1,
+              "--init_from", checkpoint, *tiny)
+    assert "model's scale" in out
+    tuned = pd.read_csv(tmp_path / "tuned" / "metrics.csv").dropna(subset=["train_loss"])["train_loss"].iloc[0]
+    assert tuned < loss[0]  # starts where the first run got to, not from scratch
+    run("inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint, "--pred_dir",
+        tmp_path / "pred", "--native", "--num_workers", 0)
+    assert sorted(os.listdir(tmp_path / "pred" / "c")) == [f"mask{t:04d}.tif" for t in range(4)] + \
+        [f"t{t:04d}_256.tif" for t in range(4)]
+    assert tifffile.imread(tmp_path / "pred" / "c" / "mask0000.tif").shape == (90, 110)
+    out = run("eval.py", "--pred_dir", tmp_path / "pred", "--root_dir", root, "--native")
+    assert "Mean Instance Dice" in out
