@@ -6,7 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-# demo settings: 5 simulated sequences of 40 frames at 192 x 192, trained at that size on CPU (GPU when present)
+# demo settings: 5 simulated sequences of 40 frames at 192 x 192; the patch recipe with 128 px patches, on CPU (GPU
+# when present)
 DEMO_DATA ?= demo_data
 DEMO_RUN ?= runs/demo
 DEMO_PRED ?= pred/demo
@@ -38,7 +39,7 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_PRED)
 	$(PY) simulate.py --out_dir $(DEMO_DATA) --sequences 5 --frames 40 --size 192 --seed 0
 	$(PY) train.py --root_dir $(DEMO_DATA) --out_dir $(DEMO_RUN) --num_epochs $(DEMO_EPOCHS) --batch_size 8 \
-		--input_size 192
+		--patch_size 128 --tile_size 192 --patches_per_epoch 128
 	$(PY) inference.py --root_dir $(DEMO_DATA) --split val --from_checkpoint $(DEMO_RUN)/checkpoints/best.ckpt \
 		--pred_dir $(DEMO_PRED)
 	$(PY) eval.py --pred_dir $(DEMO_PRED) --root_dir $(DEMO_DATA)
