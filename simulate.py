@@ -35,6 +35,7 @@ DIVISION_SPREAD = 0.1  # relative spread of that threshold and of the growth rat
 FILL_FRACTION = 0.85  # share of the movie after which the chamber is full
 PACKING = 0.8  # cell area / chamber area aimed at
 PRESSURE_SCALE = 2.0  # px of summed overlap depth that halves a cell's growth
+LANE_ALIGNMENT = 0.05  # rad per relaxation step (at 45°) by which a channel turns its cells along itself
 
 
 # ---------------------------------------------------------------------------------------------------------------- physics
@@ -97,6 +98,8 @@ class Colony:
             # cells squeezed by their neighbours grow slower: a packed chamber stops filling and flows out
             inhibition = 1 / (1 + self.pressure / self.pressure_scale)
             total = (self.length + 2 * self.radius) * np.exp(self.growth * inhibition / substeps)
+            if self.lanes is not None:
+                self._flow_along_lanes(total - 2 * self.radius - self.length)
             self.length = total - 2 * self.radius
             self.divide()
             self.relax()
@@ -142,9 +145,11 @@ class Colony:
         touching = depth > 0
         return i[touching], j[touching], on_i[touching], on_j[touching], depth[touching]
 
-    def relax(self, max_iterations: int = 30, tolerance: float = 0.5):
+    def relax(self, max_iterations: int = None, tolerance: float = 0.5):
         """Push overlapping cells apart along the contact normal and turn them by the torque of that push; keep the
         tips inside the chamber's top and bottom walls. Iterates until no overlap is deeper than `tolerance` px."""
+        # a column of cells in a channel passes a push on one cell per step: it needs more steps than a chamber
+        max_iterations = max_iterations or (30 if self.lanes is None else 120)
         pairs = self.neighbour_pairs()
         for _ in range(max_iterations):
             move = np.zeros_like(self.pos)
@@ -156,6 +161,11 @@ class Colony:
                 degenerate = norm[:, 0] < 1e-9  # axes crossing: push sideways to the first cell's axis
                 normal[degenerate] = np.stack([-np.sin(self.angle[i[degenerate]]),
                                                np.cos(self.angle[i[degenerate]])], 1)
+                if self.lanes is not None:  # no room sideways in a channel: crossing cells are pushed along it
+                    crossing = degenerate | (depth > self.radius)
+                    below = np.where(self.pos[i[crossing], 1] >= self.pos[j[crossing], 1], 1.0, -1.0)
+                    normal[crossing] = np.stack([np.zeros_like(below), below], 1)
+                    norm[crossing] = 1
                 norm[degenerate] = 1
                 push = 0.4 * (depth[:, None] + 0.1) * normal / norm  # under-relaxed: many contacts per cell
                 self._apply(move, turn, i, on_i, push)
@@ -167,11 +177,33 @@ class Colony:
                 wall_push = np.stack([left[hit] - right[hit], below[hit] - above[hit]], 1)
                 self._apply(move, turn, hit, tip[hit], wall_push)
                 wall_depth = max(wall_depth, float((below + above + left + right).max(initial=0)))
+            if self.lanes is not None:  # the walls (and the flow of medium) turn cells along the channel
+                turn -= LANE_ALIGNMENT * np.sin(2 * self.angle - np.pi)
             self.pos += move
             self.angle += turn
             if depth.max(initial=0) < tolerance and wall_depth < tolerance:
                 break
         self.pressure = np.bincount(np.concatenate([i, j]), np.concatenate([depth, depth]), minlength=len(self.pos))
+
+    def _lane(self):
+        """Index of the lane each cell is in: the one whose range is nearest to its centre."""
+        return np.searchsorted((self.lanes[:-1, 1] + self.lanes[1:, 0]) / 2, self.pos[:, 0])
+
+    def _flow_along_lanes(self, growth):
+        """In a channel closed at the top, a cell's growth pushes every cell below it towards the exit. Move them
+        at once (shared between the columns of cells that fit side by side), so that relaxation only settles the
+        rest: a long column would pass the push on one cell per relaxation step, and jam."""
+        lane = self._lane()
+        along = growth * np.abs(np.sin(self.angle))
+        order = np.lexsort((self.pos[:, 1], lane))
+        pushed = np.cumsum(along[order])
+        lane_sorted = lane[order]
+        first = np.flatnonzero(np.r_[True, lane_sorted[1:] != lane_sorted[:-1]])
+        before = (pushed - along[order]) - np.repeat((pushed - along[order])[first], np.diff(np.r_[first, len(order)]))
+        columns = np.maximum((self.lanes[:, 1] - self.lanes[:, 0]) / (2 * self.radius), 1)
+        shift = np.empty(len(order))
+        shift[order] = (before + 0.5 * along[order]) / columns[lane_sorted]
+        self.pos[:, 1] += shift
 
     def _wall_depths(self, tip):
         """How far each cell's tip reaches into the top, bottom, left and right walls (0 where open or clear)."""
@@ -181,8 +213,7 @@ class Colony:
         above = np.maximum(tip[:, 1] - (y1 - self.radius), 0) if "bottom" in self.closed else none
         if self.lanes is None:
             return below, above, none, none
-        # a cell stays in the lane it is in: the one whose range is nearest to its centre
-        lane = np.searchsorted((self.lanes[:-1, 1] + self.lanes[1:, 0]) / 2, self.pos[:, 0])
+        lane = self._lane()  # a cell stays in the lane it is in
         left = np.maximum(self.lanes[lane, 0] + self.radius - tip[:, 0], 0)
         right = np.maximum(tip[:, 0] - (self.lanes[lane, 1] - self.radius), 0)
         return below, above, left, right
@@ -315,7 +346,7 @@ class Geometry:
                    growth_spread=float(rng.uniform(0.03, 0.25)),
                    division_spread=float(rng.uniform(0.05, 0.15)),
                    margin=float(rng.uniform(0.03, 0.15)),
-                   channel_widths=float(rng.choice([rng.uniform(1.15, 1.6), rng.uniform(1.6, 3.2)])),
+                   channel_widths=float(rng.choice([rng.uniform(1.15, 1.6), rng.uniform(2.2, 3.2)])),  # no jam at 2
                    wall_widths=float(rng.uniform(0.5, 2.5)),
                    coverage=float(rng.uniform(0.15, 0.7)))
 
@@ -530,7 +561,7 @@ def simulate_sequence(n_frames: int = 100, size=(256, 256), seed: int = 0, look:
 def simulate_randomised(n_frames: int, size, rng: np.random.Generator, look: Look, geometry: Geometry):
     """simulate_sequence for a given look and geometry."""
     colony, pdms = layout(geometry, size, n_frames, rng)
-    colony.look, colony.geometry = look, geometry  # so that callers (and tests) can see what was drawn
+    colony.look, colony.geometry, colony.pdms = look, geometry, pdms  # what was drawn, for callers and tests
     illumination = smooth_field(rng, size, look.illumination, coarse=look.illumination_scale)
     scene = static_scene(rng, look, pdms)
     spread = look.contrast_spread * rng.uniform(-1, 1, 2 ** 16 - 1)
