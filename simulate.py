@@ -2,6 +2,7 @@
 
     python simulate.py --out_dir demo_data                                  # the challenge layout: a..c with GT, d, e without
     python simulate.py --out_dir sim --frames 800 --size 512 --sequences 5 --seed 1
+    python simulate.py --out_dir sim --randomise --sequences 8 --frames 30 --size 256  # a look and geometry each
 
 Biology: rod-shaped cells (capsules: a segment with round caps) grow exponentially in length, divide in two at a
 length threshold drawn per cell, and push each other apart (and away from the chamber walls) so that they do not
@@ -12,6 +13,12 @@ The growth rate is set so that the chamber fills after about 85 % of the movie; 
 Optics (as real phase contrast): dark cells with bright boundaries between neighbours and a bright halo around them,
 on a grey background, blurred, under uneven illumination that flickers slightly, with noise; uint8 frames. Masks are
 uint16; a cell keeps its label (its track id) from birth to division, daughters get new labels.
+
+With --randomise (or simulate_sequence(..., look=Look(...), geometry=Geometry(...)) from a training script) each
+sequence draws its own look and geometry from its seed, for a generalist model: cell width and length, phase contrast
+or brightfield, halo, defocus, illumination, flicker, noise, debris, out-of-focus particles, camera bit depth and
+offset; a chamber, mother-machine-like channels or an agar pad. docs/simulation.md lists the ranges and says why.
+Without it the output is the fixed look above, byte for byte as before the randomisation existed.
 
 Same seed, same bytes. The physics is vectorised over pairs of neighbouring cells, rendering loops over cells only
 (each in its bounding box); nothing loops over pixels.
@@ -445,14 +452,13 @@ def layout(geometry: Geometry, size, n_frames: int, rng: np.random.Generator):
     division_length = geometry.division_widths * geometry.cell_width
     options = dict(radius=radius, division_length=division_length, growth_spread=geometry.growth_spread,
                    division_spread=geometry.division_spread)
-    pdms = np.zeros(size, bool)
     rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
     founders = geometry.founders or int(rng.integers(1, 4))
     if geometry.kind == "chamber":
         margin_y, margin_x = max(int(geometry.margin * height), 4), max(int(0.04 * width), 4)
         chamber = (margin_x, margin_y, width - margin_x, height - margin_y)
         colony = Colony(rng, chamber, n_frames, founders, **options)
-        pdms = (rows < chamber[1]) | (rows >= chamber[3]) | np.zeros((1, width), bool)
+        pdms = np.broadcast_to((rows < chamber[1]) | (rows >= chamber[3]), size).copy()
     elif geometry.kind == "channel":
         channel, wall = geometry.channel_widths * geometry.cell_width, geometry.wall_widths * geometry.cell_width
         count = max(int((width - wall) // (channel + wall)), 1)
@@ -471,6 +477,7 @@ def layout(geometry: Geometry, size, n_frames: int, rng: np.random.Generator):
         in_lane = ((cols >= lanes[:, :1, None]) & (cols < lanes[:, 1:, None])).any(0)
         pdms = (rows < top) | ((rows < bottom) & ~in_lane)
     else:  # agar: no walls; cells that drift far out of view are dropped
+        pdms = np.zeros(size, bool)
         reach = 2 * division_length
         chamber = (-reach, -reach, width + reach, height + reach)
         colony = Colony(rng, chamber, n_frames, founders, closed=(),
