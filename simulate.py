@@ -2,6 +2,7 @@
 
     python simulate.py --out_dir demo_data                                  # the challenge layout: a..c with GT, d, e without
     python simulate.py --out_dir sim --frames 800 --size 512 --sequences 5 --seed 1
+    python simulate.py --out_dir sim --randomise --sequences 8 --frames 30 --size 256  # a look and geometry each
 
 Biology: rod-shaped cells (capsules: a segment with round caps) grow exponentially in length, divide in two at a
 length threshold drawn per cell, and push each other apart (and away from the chamber walls) so that they do not
@@ -13,6 +14,12 @@ Optics (as real phase contrast): dark cells with bright boundaries between neigh
 on a grey background, blurred, under uneven illumination that flickers slightly, with noise; uint8 frames. Masks are
 uint16; a cell keeps its label (its track id) from birth to division, daughters get new labels.
 
+With --randomise (or simulate_sequence(..., look=Look(...), geometry=Geometry(...)) from a training script) each
+sequence draws its own look and geometry from its seed, for a generalist model: cell width and length, phase contrast
+or brightfield, halo, defocus, illumination, flicker, noise, debris, out-of-focus particles, camera bit depth and
+offset; a chamber, mother-machine-like channels or an agar pad. docs/simulation.md lists the ranges and says why.
+Without it the output is the fixed look above, byte for byte as before the randomisation existed.
+
 Same seed, same bytes. The physics is vectorised over pairs of neighbouring cells, rendering loops over cells only
 (each in its bounding box); nothing loops over pixels.
 """
@@ -21,6 +28,7 @@ import os
 import string
 import sys
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
@@ -34,6 +42,7 @@ DIVISION_SPREAD = 0.1  # relative spread of that threshold and of the growth rat
 FILL_FRACTION = 0.85  # share of the movie after which the chamber is full
 PACKING = 0.8  # cell area / chamber area aimed at
 PRESSURE_SCALE = 2.0  # px of summed overlap depth that halves a cell's growth
+LANE_ALIGNMENT = 0.05  # rad per relaxation step (at 45°) by which a channel turns its cells along itself
 
 
 # ---------------------------------------------------------------------------------------------------------------- physics
@@ -42,16 +51,31 @@ class Colony:
     """Cells as capsules: centre (x, y), axis angle, segment length (tip to tip minus 2 r), growth rate per frame,
     division length, label. All arrays of one entry per cell."""
 
-    def __init__(self, rng: np.random.Generator, chamber, n_frames: int, n_start: int = 1):
-        self.rng, self.chamber = rng, chamber  # chamber = (x0, y0, x1, y1), open at x0 and x1
+    def __init__(self, rng: np.random.Generator, chamber, n_frames: int, n_start: int = 1,
+                 radius: float = CELL_RADIUS, division_length: float = DIVISION_LENGTH,
+                 growth_spread: float = DIVISION_SPREAD, division_spread: float = DIVISION_SPREAD,
+                 closed=("top", "bottom"), lanes=None, fill_area=None, founders=None):
+        """`closed`: which of the chamber's top and bottom are walls; open sides let cells out. `lanes`: (n, 2) x
+        ranges of narrow channels that confine the cells sideways (mother machine); without lanes the left and right
+        sides are open. `fill_area`: cell area aimed at after FILL_FRACTION of the movie (default: PACKING of the
+        chamber). `founders`: (positions, angles) of the first cells instead of a few near the centre."""
+        self.rng, self.chamber = rng, chamber  # chamber = (x0, y0, x1, y1)
+        self.radius, self.division_length = float(radius), float(division_length)
+        self.growth_spread, self.division_spread = growth_spread, division_spread
+        self.closed, self.lanes = tuple(closed), None if lanes is None else np.asarray(lanes, float).reshape(-1, 2)
+        self.pressure_scale = PRESSURE_SCALE * self.radius / CELL_RADIUS  # overlap depth scales with the cells
+        radius = self.radius
         x0, y0, x1, y1 = chamber
-        cell_area = (0.75 * DIVISION_LENGTH - 2 * CELL_RADIUS) * 2 * CELL_RADIUS + np.pi * CELL_RADIUS ** 2
-        target_cells = PACKING * (x1 - x0) * (y1 - y0) / cell_area
+        cell_area = (0.75 * self.division_length - 2 * radius) * 2 * radius + np.pi * radius ** 2
+        fill_area = PACKING * (x1 - x0) * (y1 - y0) if fill_area is None else fill_area
+        target_cells = fill_area / cell_area
         self.rate = np.log(max(target_cells / n_start, 2.0)) / (FILL_FRACTION * max(n_frames - 1, 1))
         centre = np.array([(x0 + x1) / 2, (y0 + y1) / 2])
-        self.pos = centre + rng.normal(0, 2 * CELL_RADIUS, (n_start, 2))
+        self.pos = centre + rng.normal(0, 2 * radius, (n_start, 2))
         self.angle = rng.uniform(0, np.pi, n_start)
-        self.length = rng.uniform(0.5, 0.9, n_start) * DIVISION_LENGTH - 2 * CELL_RADIUS
+        if founders is not None:
+            self.pos, self.angle = (np.array(v, float) for v in founders)
+        self.length = rng.uniform(0.5, 0.9, n_start) * self.division_length - 2 * radius
         self.growth = self._draw_rates(n_start)
         self.divide_at = self._draw_division_lengths(n_start)
         self.label = np.arange(1, n_start + 1)
@@ -61,10 +85,11 @@ class Colony:
         self.relax()
 
     def _draw_rates(self, n):
-        return self.rate * (1 + DIVISION_SPREAD * self.rng.standard_normal(n)).clip(0.5, 1.5)
+        return self.rate * (1 + self.growth_spread * self.rng.standard_normal(n)).clip(0.5, 1.5)
 
     def _draw_division_lengths(self, n):
-        return DIVISION_LENGTH * (1 + DIVISION_SPREAD * self.rng.standard_normal(n)).clip(0.7, 1.3)
+        length = self.division_length * (1 + self.division_spread * self.rng.standard_normal(n)).clip(0.7, 1.3)
+        return np.maximum(length, 4.4 * self.radius)  # short cells: each daughter keeps a segment between its caps
 
     @property
     def axis(self):
@@ -78,27 +103,29 @@ class Colony:
         """One frame: grow (slower under contact pressure), divide, push apart, drop cells that left the chamber."""
         for _ in range(substeps):
             # cells squeezed by their neighbours grow slower: a packed chamber stops filling and flows out
-            inhibition = 1 / (1 + self.pressure / PRESSURE_SCALE)
-            total = (self.length + 2 * CELL_RADIUS) * np.exp(self.growth * inhibition / substeps)
-            self.length = total - 2 * CELL_RADIUS
+            inhibition = 1 / (1 + self.pressure / self.pressure_scale)
+            total = (self.length + 2 * self.radius) * np.exp(self.growth * inhibition / substeps)
+            if self.lanes is not None:
+                self._flow_along_lanes(total - 2 * self.radius - self.length)
+            self.length = total - 2 * self.radius
             self.divide()
             self.relax()
             self.leave()
 
     def divide(self):
-        dividing = self.length + 2 * CELL_RADIUS >= self.divide_at
+        dividing = self.length + 2 * self.radius >= self.divide_at
         if not dividing.any():
             return
         parents = np.flatnonzero(dividing)
         n = len(parents)
-        total = self.length[parents] + 2 * CELL_RADIUS
+        total = self.length[parents] + 2 * self.radius
         offset = (total / 4)[:, None] * self.axis[parents]
         jitter = self.rng.normal(0, 0.05, (2, n))
         self.pos = np.concatenate([np.delete(self.pos, parents, 0), self.pos[parents] - offset,
                                    self.pos[parents] + offset])
         self.angle = np.concatenate([np.delete(self.angle, parents), self.angle[parents] + jitter[0],
                                      self.angle[parents] + jitter[1]])
-        daughter_length = np.tile(total / 2 - 2 * CELL_RADIUS, 2)
+        daughter_length = np.tile(total / 2 - 2 * self.radius, 2)
         self.length = np.concatenate([np.delete(self.length, parents), daughter_length])
         self.growth = np.concatenate([np.delete(self.growth, parents), self._draw_rates(2 * n)])
         self.divide_at = np.concatenate([np.delete(self.divide_at, parents), self._draw_division_lengths(2 * n)])
@@ -108,9 +135,10 @@ class Colony:
         self.next_label += 2 * n
         self.divisions += n
 
-    def neighbour_pairs(self, margin: float = 2 * CELL_RADIUS):
+    def neighbour_pairs(self, margin: float = None):
         """Pairs of cells whose centres are close enough to touch, with room for the moves of one relaxation."""
-        reach = float(self.length.max(initial=0) + 2 * CELL_RADIUS + margin)
+        margin = 2 * self.radius if margin is None else margin
+        reach = float(self.length.max(initial=0) + 2 * self.radius + margin)
         return cKDTree(self.pos).query_pairs(reach, output_type="ndarray").reshape(-1, 2)
 
     def overlaps(self, pairs=None):
@@ -120,14 +148,15 @@ class Colony:
         i, j = pairs[:, 0], pairs[:, 1]
         a, b = self.endpoints()
         on_i, on_j = closest_points_between_segments(a[i], b[i], a[j], b[j])
-        depth = 2 * CELL_RADIUS - np.linalg.norm(on_i - on_j, axis=1)
+        depth = 2 * self.radius - np.linalg.norm(on_i - on_j, axis=1)
         touching = depth > 0
         return i[touching], j[touching], on_i[touching], on_j[touching], depth[touching]
 
-    def relax(self, max_iterations: int = 30, tolerance: float = 0.5):
+    def relax(self, max_iterations: int = None, tolerance: float = 0.5):
         """Push overlapping cells apart along the contact normal and turn them by the torque of that push; keep the
         tips inside the chamber's top and bottom walls. Iterates until no overlap is deeper than `tolerance` px."""
-        _, y0, _, y1 = self.chamber
+        # a column of cells in a channel passes a push on one cell per step: it needs more steps than a chamber
+        max_iterations = max_iterations or (30 if self.lanes is None else 120)
         pairs = self.neighbour_pairs()
         for _ in range(max_iterations):
             move = np.zeros_like(self.pos)
@@ -139,35 +168,82 @@ class Colony:
                 degenerate = norm[:, 0] < 1e-9  # axes crossing: push sideways to the first cell's axis
                 normal[degenerate] = np.stack([-np.sin(self.angle[i[degenerate]]),
                                                np.cos(self.angle[i[degenerate]])], 1)
+                if self.lanes is not None:  # no room sideways in a channel: crossing cells are pushed along it
+                    crossing = degenerate | (depth > self.radius)
+                    below = np.where(self.pos[i[crossing], 1] >= self.pos[j[crossing], 1], 1.0, -1.0)
+                    normal[crossing] = np.stack([np.zeros_like(below), below], 1)
+                    norm[crossing] = 1
                 norm[degenerate] = 1
                 push = 0.4 * (depth[:, None] + 0.1) * normal / norm  # under-relaxed: many contacts per cell
                 self._apply(move, turn, i, on_i, push)
                 self._apply(move, turn, j, on_j, -push)
             wall_depth = 0.0
             for tip in self.endpoints():
-                below = np.maximum(y0 + CELL_RADIUS - tip[:, 1], 0)
-                above = np.maximum(tip[:, 1] - (y1 - CELL_RADIUS), 0)
-                hit = np.flatnonzero(below + above > 0)
-                wall_push = np.stack([np.zeros(len(hit)), below[hit] - above[hit]], 1)
+                below, above, left, right = self._wall_depths(tip)
+                hit = np.flatnonzero(below + above + left + right > 0)
+                wall_push = np.stack([left[hit] - right[hit], below[hit] - above[hit]], 1)
                 self._apply(move, turn, hit, tip[hit], wall_push)
-                wall_depth = max(wall_depth, float((below + above).max(initial=0)))
+                wall_depth = max(wall_depth, float((below + above + left + right).max(initial=0)))
+            if self.lanes is not None:  # the walls (and the flow of medium) turn cells along the channel
+                turn -= LANE_ALIGNMENT * np.sin(2 * self.angle - np.pi)
             self.pos += move
             self.angle += turn
             if depth.max(initial=0) < tolerance and wall_depth < tolerance:
                 break
         self.pressure = np.bincount(np.concatenate([i, j]), np.concatenate([depth, depth]), minlength=len(self.pos))
 
+    def _lane(self):
+        """Index of the lane each cell is in: the one whose range is nearest to its centre."""
+        return np.searchsorted((self.lanes[:-1, 1] + self.lanes[1:, 0]) / 2, self.pos[:, 0])
+
+    def _flow_along_lanes(self, growth):
+        """In a channel closed at the top, a cell's growth pushes every cell below it towards the exit. Move them
+        at once (shared between the columns of cells that fit side by side), so that relaxation only settles the
+        rest: a long column would pass the push on one cell per relaxation step, and jam."""
+        lane = self._lane()
+        along = growth * np.abs(np.sin(self.angle))
+        order = np.lexsort((self.pos[:, 1], lane))
+        pushed = np.cumsum(along[order])
+        lane_sorted = lane[order]
+        first = np.flatnonzero(np.r_[True, lane_sorted[1:] != lane_sorted[:-1]])
+        before = (pushed - along[order]) - np.repeat((pushed - along[order])[first], np.diff(np.r_[first, len(order)]))
+        columns = np.maximum((self.lanes[:, 1] - self.lanes[:, 0]) / (2 * self.radius), 1)
+        shift = np.empty(len(order))
+        shift[order] = (before + 0.5 * along[order]) / columns[lane_sorted]
+        self.pos[:, 1] += shift
+
+    def _wall_depths(self, tip):
+        """How far each cell's tip reaches into the top, bottom, left and right walls (0 where open or clear)."""
+        _, y0, _, y1 = self.chamber
+        none = np.zeros(len(tip))
+        below = np.maximum(y0 + self.radius - tip[:, 1], 0) if "top" in self.closed else none
+        above = np.maximum(tip[:, 1] - (y1 - self.radius), 0) if "bottom" in self.closed else none
+        if self.lanes is None:
+            return below, above, none, none
+        lane = self._lane()  # a cell stays in the lane it is in
+        left = np.maximum(self.lanes[lane, 0] + self.radius - tip[:, 0], 0)
+        right = np.maximum(tip[:, 0] - (self.lanes[lane, 1] - self.radius), 0)
+        return below, above, left, right
+
     def _apply(self, move, turn, cells, contact, push):
         """Accumulate translation and rotation of a push at a contact point (rod: moment ~ length² / 12)."""
         np.add.at(move, cells, push)
         arm = contact - self.pos[cells]
         torque = arm[:, 0] * push[:, 1] - arm[:, 1] * push[:, 0]
-        inertia = self.length[cells] ** 2 / 12 + CELL_RADIUS ** 2
+        inertia = self.length[cells] ** 2 / 12 + self.radius ** 2
         np.add.at(turn, cells, torque / inertia)
 
     def leave(self):
-        x0, _, x1, _ = self.chamber
-        stay = (self.pos[:, 0] >= x0) & (self.pos[:, 0] <= x1)
+        """Drop cells whose centre crossed an open side: the chamber's left and right unless lanes confine the
+        cells, its top or bottom unless closed."""
+        x0, y0, x1, y1 = self.chamber
+        stay = np.ones(len(self.pos), bool)
+        if self.lanes is None:
+            stay = (self.pos[:, 0] >= x0) & (self.pos[:, 0] <= x1)
+        if "top" not in self.closed:
+            stay &= self.pos[:, 1] >= y0
+        if "bottom" not in self.closed:
+            stay &= self.pos[:, 1] <= y1
         for name in ("pos", "angle", "length", "growth", "divide_at", "label", "pressure"):
             setattr(self, name, getattr(self, name)[stay])
 
@@ -195,8 +271,8 @@ def render_labels(colony: Colony, shape) -> np.ndarray:
     nearest = np.full(shape, np.inf, np.float32)
     starts, ends = colony.endpoints()
     for start, end, label in zip(starts, ends, colony.label):
-        low = np.floor(np.minimum(start, end) - CELL_RADIUS).astype(int).clip(0, [shape[1], shape[0]])
-        high = np.ceil(np.maximum(start, end) + CELL_RADIUS + 1).astype(int).clip(0, [shape[1], shape[0]])
+        low = np.floor(np.minimum(start, end) - colony.radius).astype(int).clip(0, [shape[1], shape[0]])
+        high = np.ceil(np.maximum(start, end) + colony.radius + 1).astype(int).clip(0, [shape[1], shape[0]])
         if (high <= low).any():
             continue
         ys, xs = np.mgrid[low[1]:high[1], low[0]:high[0]]
@@ -205,7 +281,7 @@ def render_labels(colony: Colony, shape) -> np.ndarray:
         along = along.clip(0, 1)
         distance = np.hypot(xs - start[0] - along * direction[0], ys - start[1] - along * direction[1])
         window = np.s_[low[1]:high[1], low[0]:high[0]]
-        claim = (distance <= CELL_RADIUS) & (distance < nearest[window])
+        claim = (distance <= colony.radius) & (distance < nearest[window])
         labels[window][claim] = label
         nearest[window][claim] = distance[claim]
     return labels
@@ -239,11 +315,242 @@ def render_phase_contrast(labels, rng, illumination, chamber, darkness):
     return np.clip(image * 255, 0, 255).astype(np.uint8)
 
 
+# ------------------------------------------------------------------------------------------------ randomised look and geometry
+
+GEOMETRIES = ("chamber", "channel", "agar")
+MODALITIES = ("phase", "brightfield")
+
+
+@dataclass
+class Geometry:
+    """Where and how the cells grow. Lengths in px or in cell widths, as named.
+
+    chamber: a monolayer chamber closed at the top and bottom, open at the left and right (as the default movies);
+    channel: mother-machine-like narrow channels side by side, closed at the top, open at the bottom into a trench;
+    agar: no walls, the colony grows freely from the centre of the field of view."""
+    kind: str = "chamber"
+    cell_width: float = 2 * CELL_RADIUS  # px: the pixel scale, in effect
+    division_widths: float = DIVISION_LENGTH / (2 * CELL_RADIUS)  # mean tip-to-tip length at division, in widths
+    growth_spread: float = DIVISION_SPREAD  # relative spread of the growth rate between cells
+    division_spread: float = DIVISION_SPREAD  # relative spread of the division length
+    founders: int = 0  # chamber and agar: cells at the start (0: one to three, drawn); channel: one per channel
+    margin: float = 0.06  # chamber: PDMS above and below, channel: PDMS above and trench below, share of the height
+    channel_widths: float = 1.3  # channel: inner width, in cell widths (below 2: a single file of cells)
+    wall_widths: float = 1.0  # channel: PDMS between neighbouring channels, in cell widths
+    coverage: float = 0.6  # agar: share of the frame the colony would cover at FILL_FRACTION of the movie, unslowed
+
+    def __post_init__(self):
+        if self.kind not in GEOMETRIES:
+            raise ValueError(f"geometry kind {self.kind!r} is not one of {', '.join(GEOMETRIES)}")
+        if self.cell_width <= 0 or self.division_widths < 2 or self.channel_widths < 1.05:
+            raise ValueError(f"impossible geometry {self}")
+
+    @classmethod
+    def random(cls, rng: np.random.Generator) -> "Geometry":
+        return cls(kind=str(rng.choice(GEOMETRIES, p=[0.4, 0.25, 0.35])),
+                   cell_width=float(np.exp(rng.uniform(np.log(6), np.log(20)))),
+                   division_widths=float(rng.uniform(2.5, 6)),
+                   growth_spread=float(rng.uniform(0.03, 0.25)),
+                   division_spread=float(rng.uniform(0.05, 0.15)),
+                   margin=float(rng.uniform(0.03, 0.15)),
+                   channel_widths=float(rng.choice([rng.uniform(1.15, 1.6), rng.uniform(2.2, 3.2)])),  # no jam at 2
+                   wall_widths=float(rng.uniform(0.5, 2.5)),
+                   coverage=float(rng.uniform(0.15, 0.7)))
+
+
+@dataclass
+class Look:
+    """How the microscope and camera show the cells. Intensities are relative to the background (1), before
+    illumination, noise and the camera's offset and gain; lengths in px.
+
+    phase: dark cells (cell_contrast < 0) with bright lines between touching cells and a bright halo around them;
+    brightfield: cells a little darker or brighter than the background, with a rim (`halo`) that is bright or dark
+    depending on the side of focus."""
+    modality: str = "phase"
+    cell_contrast: float = -0.6  # cell interior minus background; its sign says dark or bright cells
+    contrast_spread: float = 0.15  # relative spread of the contrast between cells
+    boundary: float = 0.36  # brightness of the line between touching cells
+    halo: float = 0.9  # strength of the halo (phase, >= 0) or rim (brightfield, either sign) just outside the cells
+    halo_width: float = 3.0  # px, Gaussian sigma of the halo
+    blur: float = 1.0  # px, Gaussian sigma of the defocus
+    illumination: float = 0.2  # strength of the uneven illumination (multiplicative, smooth)
+    illumination_scale: int = 4  # coarse grid of that field: more cells, finer variation
+    flicker: float = 0.02  # relative sd of the frame-to-frame brightness
+    noise: float = 0.05  # Gaussian read noise, sd relative to the background
+    photons: float = np.inf  # photons per pixel at background level (shot noise); inf: none
+    debris: int = 0  # small dark or bright specks on the glass, not in the mask
+    debris_size: float = 1.5  # px, their mean Gaussian sigma
+    blobs: int = 0  # out-of-focus particles: rings with a dark or bright core, not in the mask
+    blob_size: float = 8.0  # px, their mean ring radius
+    pdms: float = -0.16  # PDMS outside the chamber or channels, relative to the background
+    wall: float = 0.5  # brightness of the PDMS edges (phase: bright; brightfield: often dark)
+    dtype: str = "uint8"
+    offset: float = 0.0  # camera counts at zero light
+    background: float = 127.5  # camera counts of the background
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality {self.modality!r} is not one of {', '.join(MODALITIES)}")
+        if self.dtype not in ("uint8", "uint16"):
+            raise ValueError(f"dtype {self.dtype!r} is not uint8 or uint16")
+
+    @classmethod
+    def random(cls, rng: np.random.Generator, scale: float = 1.0) -> "Look":
+        """A random look; `scale` (cell width / 12 px) scales the optical lengths with the pixel size."""
+        phase = rng.random() < 0.65
+        if phase:
+            cell_contrast = -rng.uniform(0.25, 0.75)
+            halo = 0.0 if rng.random() < 0.2 else rng.uniform(0.2, 1.2)
+            boundary = rng.uniform(0.0, 0.4)
+            wall = rng.uniform(0.1, 0.6)
+        else:  # low contrast either way; the rim's sign follows the side of focus, independent of the cells'
+            cell_contrast = rng.choice([-1, 1]) * rng.uniform(0.08, 0.25)
+            halo = rng.choice([-1, 1]) * rng.uniform(0.05, 0.4)
+            boundary = rng.uniform(-0.1, 0.1)
+            wall = rng.uniform(-0.4, 0.2)
+        if rng.random() < 0.5:
+            dtype, full = "uint8", 255
+        else:
+            dtype, full = "uint16", 2 ** int(rng.choice([12, 14, 16])) - 1
+        offset = rng.uniform(0, 0.12) * full
+        # the noise is drawn relative to the cells' contrast (signal-to-noise 3 to 20), so that cells stay visible
+        noise = abs(cell_contrast) * rng.uniform(0.05, 0.33)
+        shot = 0.0 if rng.random() < 0.3 else rng.uniform(0.3, 1.0)  # share of the noise that is shot noise
+        return cls(modality="phase" if phase else "brightfield",
+                   cell_contrast=float(cell_contrast),
+                   contrast_spread=float(rng.uniform(0, 0.3)),
+                   boundary=float(boundary),
+                   halo=float(halo),
+                   halo_width=float(scale * rng.uniform(1.5, 5)),
+                   blur=float(scale * rng.uniform(0.4, 2.2)),
+                   illumination=float(rng.uniform(0, 0.3)),
+                   illumination_scale=int(rng.integers(2, 6)),
+                   flicker=float(rng.uniform(0, 0.05)),
+                   noise=float(noise * np.sqrt(1 - shot ** 2)),
+                   photons=float(1 / (shot * noise) ** 2) if shot else np.inf,
+                   debris=int(rng.poisson(rng.uniform(0, 15))),
+                   debris_size=float(scale * rng.uniform(0.7, 2.5)),
+                   blobs=int(rng.poisson(0.7)),
+                   blob_size=float(scale * rng.uniform(5, 15)),
+                   pdms=float(rng.uniform(-0.3, 0.1)),
+                   wall=float(wall),
+                   dtype=dtype,
+                   offset=float(offset),
+                   background=float(rng.uniform(0.25, 0.55) * (full - offset)))
+
+
+def random_setup(rng: np.random.Generator):
+    """A random (Look, Geometry) pair; the optics scale with the cell width, as both follow the pixel size."""
+    geometry = Geometry.random(rng)
+    return Look.random(rng, scale=geometry.cell_width / (2 * CELL_RADIUS)), geometry
+
+
+def layout(geometry: Geometry, size, n_frames: int, rng: np.random.Generator):
+    """The colony in its walls, and the PDMS as a boolean image (True where there is no room for cells)."""
+    height, width = size
+    radius = geometry.cell_width / 2
+    division_length = geometry.division_widths * geometry.cell_width
+    options = dict(radius=radius, division_length=division_length, growth_spread=geometry.growth_spread,
+                   division_spread=geometry.division_spread)
+    rows, cols = np.arange(height)[:, None], np.arange(width)[None, :]
+    founders = geometry.founders or int(rng.integers(1, 4))
+    if geometry.kind == "chamber":
+        margin_y, margin_x = max(int(geometry.margin * height), 4), max(int(0.04 * width), 4)
+        chamber = (margin_x, margin_y, width - margin_x, height - margin_y)
+        colony = Colony(rng, chamber, n_frames, founders, **options)
+        pdms = np.broadcast_to((rows < chamber[1]) | (rows >= chamber[3]), size).copy()
+    elif geometry.kind == "channel":
+        channel, wall = geometry.channel_widths * geometry.cell_width, geometry.wall_widths * geometry.cell_width
+        count = max(int((width - wall) // (channel + wall)), 1)
+        first = (width - count * channel - (count - 1) * wall) / 2
+        lanes = first + np.arange(count)[:, None] * (channel + wall) + np.array([0, channel])
+        top = max(int(geometry.margin * height), 4)
+        bottom = height - int(rng.uniform(0, 0.6) * geometry.margin * height)  # the trench, sometimes out of view
+        chamber = (0, top, width, bottom)
+        # one mother cell per channel at its closed end, along the channel
+        founder_pos = np.stack([lanes.mean(1) + rng.normal(0, 0.05 * radius, count),
+                                top + rng.uniform(0.4, 1.2, count) * division_length], 1)
+        founder_angle = np.pi / 2 + rng.normal(0, 0.05, count)
+        colony = Colony(rng, chamber, n_frames, count, closed=("top",), lanes=lanes,
+                        fill_area=PACKING * channel * count * (bottom - top), founders=(founder_pos, founder_angle),
+                        **options)
+        in_lane = ((cols >= lanes[:, :1, None]) & (cols < lanes[:, 1:, None])).any(0)
+        pdms = (rows < top) | ((rows < bottom) & ~in_lane)
+    else:  # agar: no walls; cells that drift far out of view are dropped
+        pdms = np.zeros(size, bool)
+        reach = 2 * division_length
+        chamber = (-reach, -reach, width + reach, height + reach)
+        colony = Colony(rng, chamber, n_frames, founders, closed=(),
+                        fill_area=geometry.coverage * height * width, **options)
+    return colony, pdms
+
+
+def blob_image(shape, centres, radii, profile):
+    """Sum of radial profiles profile(distance, radius, k) around centres, each drawn in its bounding box."""
+    image = np.zeros(shape, np.float32)
+    for k, ((y, x), radius) in enumerate(zip(centres, radii)):
+        reach = int(np.ceil(3 * radius)) + 1
+        y_lo, y_hi = max(int(y) - reach, 0), min(int(y) + reach + 1, shape[0])
+        x_lo, x_hi = max(int(x) - reach, 0), min(int(x) + reach + 1, shape[1])
+        if y_hi <= y_lo or x_hi <= x_lo:
+            continue
+        ys, xs = np.mgrid[y_lo:y_hi, x_lo:x_hi]
+        image[y_lo:y_hi, x_lo:x_hi] += profile(np.hypot(ys - y, xs - x), radius, k)
+    return image
+
+
+def static_scene(rng, look: Look, pdms: np.ndarray) -> np.ndarray:
+    """What does not move, relative to the background: PDMS with bright or dark edges, debris, out-of-focus
+    particles. Cells hide it where they lie on it."""
+    shape = pdms.shape
+    edge = ndimage.binary_dilation(pdms, iterations=2) & ~ndimage.binary_erosion(pdms, iterations=1, border_value=1)
+    scene = look.pdms * pdms + look.wall * edge
+    size = np.array(shape)
+    centres = rng.uniform(0, 1, (look.debris, 2)) * size
+    sigmas = look.debris_size * rng.uniform(0.5, 1.5, look.debris)
+    amplitudes = rng.choice([-1, 1], look.debris) * rng.uniform(0.15, 0.6, look.debris)
+    scene += blob_image(shape, centres, sigmas,
+                        lambda d, s, k: amplitudes[k] * np.exp(-0.5 * (d / s) ** 2))
+    centres = rng.uniform(0, 1, (look.blobs, 2)) * size
+    radii = look.blob_size * rng.uniform(0.6, 1.4, look.blobs)
+    rings = rng.uniform(0.1, 0.4, look.blobs) * rng.choice([-1, 1], look.blobs)
+    cores = rng.uniform(0.1, 0.4, look.blobs) * rng.choice([-1, 1], look.blobs)
+    scene += blob_image(shape, centres, radii,
+                        lambda d, r, k: rings[k] * np.exp(-0.5 * ((d - r) / (0.25 * r)) ** 2)
+                        + cores[k] * np.exp(-0.5 * (d / (0.5 * r)) ** 2))
+    return scene.astype(np.float32)
+
+
+def render_randomised(labels, rng, look: Look, illumination, scene, contrast):
+    """One frame of a label image in the given look: cells over the static scene, halo or rim, defocus,
+    illumination and flicker, shot and read noise, then the camera's offset, gain and bit depth."""
+    inside = (labels > 0).astype(np.float32)
+    boundary = np.zeros_like(inside)
+    boundary[:, 1:] += (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
+    boundary[1:, :] += (labels[1:, :] != labels[:-1, :]) & (labels[1:, :] > 0) & (labels[:-1, :] > 0)
+    image = 1 + scene * (1 - inside) + contrast[labels] + look.boundary * np.minimum(boundary, 1)
+    if look.halo:
+        image += look.halo * np.clip(ndimage.gaussian_filter(inside, look.halo_width) - inside, 0, None)
+    image = ndimage.gaussian_filter(image, look.blur) * illumination * (1 + rng.normal(0, look.flicker))
+    if np.isfinite(look.photons):
+        image = rng.poisson(np.clip(image, 0, None) * look.photons).astype(np.float32) / look.photons
+    image += rng.normal(0, look.noise, image.shape).astype(np.float32)
+    counts = look.offset + look.background * image
+    return np.clip(np.rint(counts), 0, np.iinfo(look.dtype).max).astype(look.dtype)
+
+
 # ------------------------------------------------------------------------------------------------------------- sequences
 
-def simulate_sequence(n_frames: int = 100, size=(256, 256), seed: int = 0):
-    """Yield (uint8 frame, uint16 instance mask, colony) for each frame of one movie."""
+def simulate_sequence(n_frames: int = 100, size=(256, 256), seed: int = 0, look: Look = None,
+                      geometry: Geometry = None, randomise: bool = False):
+    """Yield (frame, uint16 instance mask, colony) for each frame of one movie. Without look and geometry: the
+    original fixed look in a chamber (uint8 frames, same bytes as ever). `randomise`: look and geometry drawn from
+    the seed; a given look or geometry is used as is (the other one defaults to its dataclass defaults)."""
     rng = np.random.default_rng(seed)
+    if randomise or look is not None or geometry is not None:
+        drawn_look, drawn_geometry = random_setup(rng) if randomise else (Look(), Geometry())
+        yield from simulate_randomised(n_frames, size, rng, look or drawn_look, geometry or drawn_geometry)
+        return
     height, width = size
     margin_y, margin_x = max(int(0.06 * height), 6), max(int(0.04 * width), 4)
     chamber = (margin_x, margin_y, width - margin_x, height - margin_y)
@@ -258,28 +565,54 @@ def simulate_sequence(n_frames: int = 100, size=(256, 256), seed: int = 0):
         yield render_phase_contrast(labels, rng, illumination, chamber, darkness), labels, colony
 
 
-def write_simulated_sequence(root: str, name: str, n_frames: int, size, seed: int, with_gt: bool) -> dict:
+def simulate_randomised(n_frames: int, size, rng: np.random.Generator, look: Look, geometry: Geometry):
+    """simulate_sequence for a given look and geometry."""
+    colony, pdms = layout(geometry, size, n_frames, rng)
+    colony.look, colony.geometry, colony.pdms = look, geometry, pdms  # what was drawn, for callers and tests
+    illumination = smooth_field(rng, size, look.illumination, coarse=look.illumination_scale)
+    scene = static_scene(rng, look, pdms)
+    spread = look.contrast_spread * rng.uniform(-1, 1, 2 ** 16 - 1)
+    contrast = np.concatenate([[0.0], look.cell_contrast * (1 + spread)]).astype(np.float32)
+    substeps = max(1, int(np.ceil(colony.rate / 0.02)))
+    for frame in range(n_frames):
+        if frame:
+            colony.step(substeps)
+        labels = render_labels(colony, size)
+        yield render_randomised(labels, rng, look, illumination, scene, contrast), labels, colony
+
+
+def write_simulated_sequence(root: str, name: str, n_frames: int, size, seed: int, with_gt: bool,
+                             randomise: bool = False) -> dict:
     counts, colony = [], None
 
     def frames():
         nonlocal colony
-        for image, labels, colony in simulate_sequence(n_frames, size, seed):
+        for image, labels, colony in simulate_sequence(n_frames, size, seed, randomise=randomise):
             counts.append(len(colony.label))
             yield image, labels
 
     write_sequence(root, name, frames(), with_gt)
-    return {"cells_first": counts[0], "cells_last": counts[-1], "divisions": colony.divisions}
+    summary = {"cells_first": counts[0], "cells_last": counts[-1], "divisions": colony.divisions}
+    if randomise:
+        summary["look"], summary["geometry"] = colony.look, colony.geometry
+    return summary
 
 
 def write_dataset(root: str, n_sequences: int = 5, n_frames: int = 100, size=(256, 256), seed: int = 0,
-                  n_without_gt: int = 2) -> dict:
+                  n_without_gt: int = 2, randomise: bool = False) -> dict:
     """Sequences a, b, c, ... in the challenge layout; the last n_without_gt have no GT (d, e by default)."""
     names = list(string.ascii_lowercase[:n_sequences])
     summary = {}
     for k, name in enumerate(names):
         summary[name] = write_simulated_sequence(root, name, n_frames, size, seed * 1000 + k,
-                                       with_gt=k < n_sequences - n_without_gt)
+                                                 with_gt=k < n_sequences - n_without_gt, randomise=randomise)
     return summary
+
+
+def describe(info: dict) -> str:
+    look, geometry = info["look"], info["geometry"]
+    return (f"; {geometry.kind}, cells {geometry.cell_width:.1f} px wide, {look.modality} with "
+            f"{'dark' if look.cell_contrast < 0 else 'bright'} cells, {look.dtype}")
 
 
 def main(argv=None):
@@ -290,16 +623,20 @@ def main(argv=None):
     parser.add_argument("--frames", type=int, default=100, help="frames per sequence")
     parser.add_argument("--size", type=int, nargs="+", default=[256], help="frame size: S (square) or H W")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--randomise", action="store_true",
+                        help="draw a look (phase contrast or brightfield, optics, noise, camera) and a geometry (cell "
+                             "size, chamber, channels or agar pad) per sequence from its seed; see docs/simulation.md")
     args = parser.parse_args(argv)
     size = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
     start = time.perf_counter()
     try:
-        summary = write_dataset(args.out_dir, args.sequences, args.frames, size, args.seed, args.without_gt)
+        summary = write_dataset(args.out_dir, args.sequences, args.frames, size, args.seed, args.without_gt,
+                                args.randomise)
     except DataError as error:
         sys.exit(f"error: {error}")
     for name, info in summary.items():
         print(f"sequence {name}: {args.frames} frames of {size[0]} x {size[1]}, cells {info['cells_first']} -> "
-              f"{info['cells_last']}, {info['divisions']} divisions")
+              f"{info['cells_last']}, {info['divisions']} divisions" + (describe(info) if "look" in info else ""))
     print(f"wrote {args.out_dir} in {time.perf_counter() - start:.1f} s")
 
 
