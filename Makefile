@@ -14,7 +14,7 @@ DEMO_PRED ?= pred/demo
 DEMO_EPOCHS ?= 8
 PICTURES ?= $(DEMO_RUN)/pictures
 
-.PHONY: demo test test-fast install install-test readme-imgs clean
+.PHONY: demo test test-fast install install-test readme-imgs pretrained clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -48,9 +48,23 @@ demo: $(VENV)/.installed
 		--out_dir $(PICTURES)
 	$(PY) pictures.py curves --metrics $(DEMO_RUN)/metrics.csv --out $(PICTURES)/curves.png
 
+# The bundled generalist model for rod-shaped bacteria (models/bacteria_generalist.pt): the patch recipe on 26
+# domain-randomised simulated sequences (simulate.py --randomise: phase contrast and brightfield, cells 6-20 px wide,
+# chambers, channels, agar pads); no real frame, so scores on real data are zero-shot. Cost: docs/real_microscopy.md.
+GENERALIST_DATA ?= generalist_data
+GENERALIST_RUN ?= runs/generalist
+GENERALIST_EPOCHS ?= 25
+pretrained: $(VENV)/.installed
+	rm -rf $(GENERALIST_DATA) $(GENERALIST_RUN)
+	$(PY) simulate.py --out_dir $(GENERALIST_DATA) --randomise --sequences 26 --without_gt 0 --frames 24 --size 256 \
+		--seed 7
+	$(PY) train.py --root_dir $(GENERALIST_DATA) --train_seqs a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x \
+		--val_seqs y,z --out_dir $(GENERALIST_RUN) --patch_size 128 --tile_size 256 --patches_per_epoch 256 \
+		--batch_size 8 --num_epochs $(GENERALIST_EPOCHS) --export_to models/bacteria_generalist.pt
+
 # the README's pictures are the demo's: make readme-imgs reruns the demo drawing into readme_imgs/
 readme-imgs:
 	$(MAKE) demo PICTURES=readme_imgs
 
 clean:
-	rm -rf $(VENV) runs pred $(DEMO_DATA)
+	rm -rf $(VENV) runs pred $(DEMO_DATA) $(GENERALIST_DATA)

@@ -31,7 +31,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from augment import median_cell_width
 from dataset import CellDataModule, DataError, read_mask
 from energy import EnergyCallback
-from unet import UNet, load_model
+from unet import UNet, export_weights, load_model
 
 
 # The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
@@ -71,6 +71,9 @@ def parse_args(argv=None):
                              "model's scale; default: the frames' own scale, or the --init_from model's")
     parser.add_argument("--init_from", default=None,
                         help="start from this checkpoint's weights (fine-tuning), e.g. the bundled model")
+    parser.add_argument("--export_to", default=None,
+                        help="after training, write the best checkpoint's weights (float16, with its hyperparameters) "
+                             "to this file: how the bundled model is made")
     parser.add_argument("--min_steps", type=int, default=None,
                         help="early stopping never ends a run before this many optimiser steps")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -204,8 +207,11 @@ def main(argv=None):
                   f"(frames rescaled by {data.scale:.2f})")
     except DataError as error:
         sys.exit(f"error: {error}")
+    # a fine-tuned model keeps the architecture and thresholds of the one it starts from
+    kept = {k: init.hparams[k] for k in ("widths", "small_center_threshold", "isolated_border_threshold")} if init \
+        else {}
     model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size, patch_size=args.patch_size,
-                 tile_size=args.tile_size, cell_width=cell_width, intensity=args.intensity)
+                 tile_size=args.tile_size, cell_width=cell_width, intensity=args.intensity, **kept)
     if init is not None:
         model.load_state_dict(init.state_dict())
 
@@ -242,6 +248,9 @@ def main(argv=None):
     trainer.fit(model, datamodule=data, ckpt_path=resume_from)
     if trainer.is_global_zero:
         print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
+        if args.export_to:
+            export_weights(checkpoints.best_model_path, args.export_to)
+            print(f"wrote {args.export_to} ({os.path.getsize(args.export_to) / 2 ** 20:.1f} MiB)")
     return checkpoints
 
 

@@ -9,6 +9,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from augment import IGNORE
 from border_core import instances_from_border_core, resize_nearest
+from dataset import atomic_write
 from metrics import instance_dice
 
 
@@ -100,6 +101,15 @@ def load_model(path: str, map_location="cpu") -> UNet:
     model = UNet(**checkpoint["hyper_parameters"])
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
     return model.to(map_location)
+
+
+def export_weights(checkpoint_path: str, out_path: str):
+    """A checkpoint's weights as float16 with its hyperparameters, nothing else: half the size, and what load_model
+    reads (how the bundled model is shipped)."""
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
+    hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(checkpoint["hyper_parameters"]).items()}
+    atomic_write(out_path, lambda tmp: torch.save({"hyper_parameters": hparams, "state_dict": weights}, tmp), ".pt.tmp")
 
 
 # ------------------------------------------------------------------------------------------------------ tiled prediction
