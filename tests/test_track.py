@@ -292,3 +292,34 @@ def test_track_sh_runs_without_slurm(tmp_path):
     for seq in ("c", "d"):
         tracks = read_tracks(str(tmp_path / "track" / f"{seq}_RES" / "res_track.txt"))
         assert [tuple(row) for row in tracks] == EXPECTED_TRACKS
+
+
+def test_eval_adds_detection_columns_and_a_pooled_line_per_sequence(tmp_path, capsys):
+    import eval as evaluation
+    from conftest import write_dataset
+    root = write_dataset(tmp_path / "data", sequences=("c",), unlabelled=(), frames=2)
+    pred = tmp_path / "pred" / "c"
+    pred.mkdir(parents=True)
+    for t in range(2):
+        gt = tifffile.imread(os.path.join(root, "c_GT", f"man_seg{t:04d}.tif"))
+        if t == 1:
+            gt[gt == gt.max()] = 0  # one cell missed in frame 1
+        tifffile.imwrite(pred / f"t{t:04d}_256.tif", gt)  # scored at the prediction's size: GT resized to it
+    mean = evaluation.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", root])
+    table = pd.read_csv(tmp_path / "pred" / "instance_dice.csv")
+    assert list(table["ap50"]) == [1.0, 5 / 6] and list(table["tp95"]) == [6, 5]  # 6 cells a frame (blob_frame)
+    assert np.allclose(table["map"], [1.0, 5 / 6]) and np.allclose(table["recall50"], [1.0, 5 / 6])
+    assert list(table["precision50"]) == [1.0, 1.0]
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"Mean Instance Dice: {mean:.6f}"
+    # pooled over the two frames: 11 of 12 cells found, none false
+    assert "precision 1.0000, recall 0.9167, F1 0.9565, AP 0.9167; mean AP 0.5:0.95 0.9167" in lines[0]
+
+
+def test_eval_ctc_mode_refuses_an_incomplete_result(tmp_path, simulated_ctc):
+    import eval as evaluation
+    root, _ = simulated_ctc
+    (tmp_path / "res").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        evaluation.main(["--ctc_res", str(tmp_path / "res"), "--ctc_gt", str(root / "01_GT")])
+    assert str(stop.value.code) == f"error: {tmp_path / 'res' / 'res_track.txt'}: missing (a CTC result folder has one)"
