@@ -24,7 +24,7 @@ from border_core import resize_nearest
 from dataset import (MASK_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN, RESULT_TRACK_FILE, TRACK_FILE, DataError,
                      atomic_write, mask_dir, numbered_files, prediction_path, read_mask, read_prediction)
 from energy import EnergyMeter
-from metrics import IOU_THRESHOLDS, detection_scores, iou_counts, mean_ap, score_frame
+from metrics import IOU_THRESHOLDS, detection_scores, iou_counts, score_frame
 
 TP_COLUMNS = [f"tp{round(100 * t)}" for t in IOU_THRESHOLDS]
 COLUMNS = (["sequence", "frame", "score", "gt_count", "pred_count", "matched"] + TP_COLUMNS
