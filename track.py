@@ -78,11 +78,13 @@ def assign(pair_a, pair_b, iou, min_iou: float = MIN_IOU):
         rest_a, rest_b, rest_iou = pair_a[~alone], pair_b[~alone], iou[~alone]
         rows, row_index = np.unique(rest_a, return_inverse=True)
         cols, col_index = np.unique(rest_b, return_inverse=True)
-        # an allowed pair costs 1 - IoU < 1, a forbidden one 2: fewer forbidden pairs always wins
-        cost = np.full((len(rows), len(cols)), 2.0)
+        # an allowed pair costs 1 - IoU < 1, a forbidden one more than all allowed pairs together: one forbidden
+        # pair fewer always wins, whatever the IoUs
+        forbidden = min(len(rows), len(cols)) + 1.0
+        cost = np.full((len(rows), len(cols)), forbidden)
         cost[row_index, col_index] = 1 - rest_iou
         r, c = linear_sum_assignment(cost)
-        allowed = cost[r, c] < 2
+        allowed = cost[r, c] < forbidden
         chosen_a.append(rows[r[allowed]])
         chosen_b.append(cols[c[allowed]])
     return np.concatenate(chosen_a), np.concatenate(chosen_b)

@@ -323,3 +323,16 @@ def test_eval_ctc_mode_refuses_an_incomplete_result(tmp_path, simulated_ctc):
     with pytest.raises(SystemExit) as stop:
         evaluation.main(["--ctc_res", str(tmp_path / "res"), "--ctc_gt", str(root / "01_GT")])
     assert str(stop.value.code) == f"error: {tmp_path / 'res' / 'res_track.txt'}: missing (a CTC result folder has one)"
+
+
+def test_assignment_takes_the_most_pairs_then_the_highest_iou():
+    # a-0 is the best single pair, but taking it leaves b and c without a partner: a-1, b-0, c-2 pairs all three
+    pair_a = np.array([0, 0, 1, 2, 2])
+    pair_b = np.array([0, 1, 0, 1, 2])
+    iou = np.array([0.95, 0.2, 0.15, 0.9, 0.15])
+    chosen = sorted(zip(*track.assign(pair_a, pair_b, iou)))
+    assert chosen == [(0, 1), (1, 0), (2, 2)]
+    # with a free alternative the higher IoU wins
+    assert sorted(zip(*track.assign(np.array([0, 0, 1]), np.array([0, 1, 1]), np.array([0.9, 0.5, 0.8])))) == \
+        [(0, 0), (1, 1)]
+    assert len(track.assign(np.array([0]), np.array([0]), np.array([0.05]))[0]) == 0  # below MIN_IOU
