@@ -6,7 +6,8 @@
 
 Rows: border-core targets (vs a per-instance erosion loop), instances_from_border_core (vs acvl-utils 0.2.6),
 instance_dice (vs acvl-utils' matching), the training loader (cached vs decoding and computing targets per item) and
-the training step alone, and inference end to end (model + overlapped postprocessing and writing) vs the model alone.
+the training step alone, inference end to end (model + overlapped postprocessing and writing) vs the model alone, and
+tracking: linking consecutive GT frames into tracks (track.link_tracks; no straightforward version to compare with).
 Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
 """
 import argparse
@@ -29,6 +30,7 @@ from dataset import LabelledFrames, UnlabelledFrames, list_frames, load_image, n
 from energy import EnergyMeter
 from inference import border_core_maps, pick_device, predict_sequence
 from metrics import instance_dice
+from track import link_tracks
 from unet import UNet
 
 
@@ -233,6 +235,17 @@ def inference_rows(root, sequence, input_size, batch_size, device, workers):
                 f"reading, postprocessing and writing add {100 * share:.0f} % of the wall time")]
 
 
+def tracking_rows(masks, device):
+    """link_tracks over the consecutive frames, 3 times; every cell of every frame must get a track."""
+    with Stage(device) as stage:
+        for _ in range(3):
+            track_maps, tracks = link_tracks(masks)
+    assert all(((m > 0) == (t > 0)).all() for m, t in zip(masks, track_maps)), "a cell lost its track"
+    stage.peak_mib = peak_host_mib(link_tracks, masks)
+    return [row("tracking, linking", stage.seconds / (3 * len(masks)), stage, None,
+                f"{len(tracks)} tracks over {len(masks)} consecutive frames; memory: all frames' track maps")]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
@@ -261,6 +274,7 @@ def main(argv=None):
         rows = postprocessing_rows(masks, device)
         rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
         rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
+        rows += tracking_rows(masks, device)
 
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,

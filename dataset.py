@@ -4,6 +4,9 @@ Two on-disk layouts are read, told apart by the data root itself:
 
     challenge   root/a/t0000.tif   root/a_GT/man_seg0000.tif
     ctc         root/01/t0000.tif  root/01_GT/SEG/man_seg0000.tif   (Cell Tracking Challenge, the public dataset)
+                root/01_GT/TRA/man_track000.tif, man_track.txt      (tracking ground truth, where there is one)
+
+The CTC numbers frames with 3 digits (4 from 1000 frames on); the readers pair by number whatever the digit count.
 
 Images and masks are paired by sequence name and frame number, never by sorted order.
 """
@@ -28,7 +31,11 @@ from border_core import border_core_targets, resize_nearest
 IMAGE_PATTERN = re.compile(r"^t(\d+)\.tiff?$")
 MASK_PATTERN = re.compile(r"^man_seg(\d+)\.tiff?$")
 PREDICTION_PATTERN = re.compile(r"^t(\d+)_256\.tiff?$")
-NATIVE_PREDICTION_PATTERN = re.compile(r"^mask(\d+)\.tiff?$")  # instance maps at the frame's own size
+TRACK_MASK_PATTERN = re.compile(r"^man_track(\d+)\.tiff?$")
+# a CTC tracking result's frames (labels = track ids), and inference.py --native's instance maps at the frame's size
+RESULT_MASK_PATTERN = NATIVE_PREDICTION_PATTERN = re.compile(r"^mask(\d+)\.tiff?$")
+TRACK_FILE = "man_track.txt"  # CTC tracking ground truth: one line `label begin end parent` per track
+RESULT_TRACK_FILE = "res_track.txt"  # the same for a tracking result
 INTENSITY_RULES = ("percentile", "baseline")
 
 # Default split of the challenge (a, b train; c validates; d, e are the test sequences without GT) and the same
@@ -73,12 +80,30 @@ def default_sequences(root_dir: str, split: str) -> list[str]:
 
 
 # The file names of the layouts: every script builds its paths with these, none spells them by hand.
-def image_name(number: int) -> str:
-    return f"t{number:04d}.tif"
+def image_name(number: int, digits: int = 4) -> str:
+    return f"t{number:0{digits}d}.tif"
 
 
-def mask_name(number: int) -> str:
-    return f"man_seg{number:04d}.tif"
+def mask_name(number: int, digits: int = 4) -> str:
+    return f"man_seg{number:0{digits}d}.tif"
+
+
+def track_mask_name(number: int, digits: int = 3) -> str:
+    return f"man_track{number:0{digits}d}.tif"
+
+
+def result_mask_name(number: int, digits: int = 3) -> str:
+    """A CTC tracking result's frame: mask000.tif, labels = track ids."""
+    return f"mask{number:0{digits}d}.tif"
+
+
+def ctc_digits(n_frames: int) -> int:
+    """Digits of the CTC's frame numbers: 3 for sequences under 1000 frames, 4 from there on."""
+    return 3 if n_frames < 1000 else 4
+
+
+def track_dir(root_dir: str, sequence: str) -> str:
+    return os.path.join(root_dir, f"{sequence}_GT", "TRA")
 
 
 def prediction_name(image_name_or_number, native: bool = False) -> str:
@@ -311,6 +336,89 @@ def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layou
         if with_gt:
             os.makedirs(os.path.dirname(targets["masks"]), exist_ok=True)
             os.replace(os.path.join(staging, "masks"), targets["masks"])
+        os.replace(os.path.join(staging, "images"), targets["images"])
+    except OSError as error:
+        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise DataError(f"{os.path.join(root_dir, name)}: cannot write the sequence ({reason})") from error
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+    return count
+
+
+def format_tracks(tracks) -> str:
+    """A CTC track file's text: one line `label begin end parent` per row of an (n, 4) integer table."""
+    return "".join(f"{int(l)} {int(b)} {int(e)} {int(p)}\n" for l, b, e, p in np.asarray(tracks).reshape(-1, 4))
+
+
+def read_tracks(path: str) -> np.ndarray:
+    """A CTC track file as an (n, 4) int64 table (label, begin, end, parent)."""
+    try:
+        with open(path) as file:
+            rows = [line.split() for line in file if line.strip()]
+        table = np.array([[int(v) for v in row] for row in rows], np.int64).reshape(-1, 4)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not a track file of lines `label begin end parent` ({error})") from error
+    return table
+
+
+def tracks_from_presence(first: dict, last: dict, parent_of: dict) -> np.ndarray:
+    """The CTC track table of labels seen from frame first[label] to last[label], parents from parent_of (label ->
+    parent label, absent for a root). A parent never seen (born and divided within one frame step) is skipped for its
+    nearest seen ancestor."""
+    rows = []
+    for label in sorted(first):
+        parent = parent_of.get(label, 0)
+        while parent and parent not in first:
+            parent = parent_of.get(parent, 0)
+        rows.append((label, first[label], last[label], parent))
+    return np.array(rows, np.int64).reshape(-1, 4)
+
+
+def write_ctc_sequence(root_dir: str, name: str, frames, parent_of: dict, with_gt: bool = True,
+                       digits: int = 3) -> int:
+    """Write one sequence in the Cell Tracking Challenge layout with tracking ground truth:
+
+        root/<name>/t000.tif   root/<name>_GT/SEG/man_seg000.tif   root/<name>_GT/TRA/man_track000.tif, man_track.txt
+
+    `frames` yields (image, mask) whose mask labels are track ids (a label from birth to division or to leaving);
+    `parent_of` maps a daughter's label to its mother's and is read once all frames are consumed (a simulation fills
+    it as it runs). A track is the frames in which its label is present; a label that vanishes and comes back would
+    break the CTC's rules and is refused. Staged in a hidden folder and moved into place when complete, as
+    write_sequence does. Returns the number of frames."""
+    targets = {"images": os.path.join(root_dir, name)}
+    if with_gt:
+        targets["gt"] = os.path.join(root_dir, f"{name}_GT")
+    for target in targets.values():
+        if os.path.exists(target):
+            raise DataError(f"{target}: already exists; choose another name or remove it first")
+    staging, count, first, last = None, 0, {}, {}
+    try:
+        os.makedirs(root_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=root_dir, prefix=f".write-{name}-")
+        for folder in ("images", os.path.join("gt", "SEG"), os.path.join("gt", "TRA")):
+            os.makedirs(os.path.join(staging, folder))
+        for t, (image, mask) in enumerate(frames):
+            tifffile.imwrite(os.path.join(staging, "images", image_name(t, digits)), image)
+            if with_gt:
+                mask = np.asarray(mask)
+                mask = narrowest_unsigned(mask) if mask.size and mask.max() > np.iinfo(np.uint16).max \
+                    else mask.astype(np.uint16)
+                tifffile.imwrite(os.path.join(staging, "gt", "SEG", mask_name(t, digits)), mask)
+                tifffile.imwrite(os.path.join(staging, "gt", "TRA", track_mask_name(t, digits)), mask)
+                present = np.flatnonzero(np.bincount(mask.ravel().astype(np.int64))) if mask.size else []
+                for label in (int(label) for label in present if label):
+                    if label in last and last[label] != t - 1:
+                        raise DataError(f"{os.path.join(targets['gt'], 'TRA', track_mask_name(t, digits))}: label "
+                                        f"{label} comes back after a gap (last seen in frame {last[label]})")
+                    first.setdefault(label, t)
+                    last[label] = t
+            count = t + 1
+        if with_gt:
+            tracks = tracks_from_presence(first, last, parent_of)
+            with open(os.path.join(staging, "gt", "TRA", TRACK_FILE), "w") as file:
+                file.write(format_tracks(tracks))
+            os.replace(os.path.join(staging, "gt"), targets["gt"])
         os.replace(os.path.join(staging, "images"), targets["images"])
     except OSError as error:
         reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))

@@ -1,8 +1,18 @@
-"""Instance Dice (SPEC §6): score predicted instance maps against ground truth, per frame and overall.
+"""Instance Dice (SPEC §6): score predicted instance maps against ground truth, per frame and overall; beside it the
+detection scores at IoU thresholds, and the Cell Tracking Challenge's SEG, DET and TRA of a tracking result.
 
-    python eval.py --pred_dir pred --root_dir /path/to/data_root [--seqs c] [--csv pred/instance_dice.csv]
+    python eval.py --pred_dir pred --root_dir /path/to/data_root [--native] [--seqs c] [--csv pred/instance_dice.csv]
+    python eval.py --ctc_res track/01_RES --ctc_gt sim_ctc/01_GT          # SEG, DET, TRA (py-ctcmetrics)
+
+instance_dice.csv, one row per GT frame: score (Instance Dice), gt_count, pred_count, matched (Dice matching), then
+tp50 ... tp95 (true positives of the one-to-one IoU matching with IoU > 0.50, 0.55, ..., 0.95), precision50,
+recall50, f1_50, ap50 (AP = TP / (TP + FP + FN) at IoU > 0.5, as StarDist and Cellpose report it) and map (AP
+averaged over the ten thresholds). The line per sequence pools the counts of its frames (StarDist's
+matching_dataset does the same). Instance Dice stays the headline: the last line is `Mean Instance Dice: <value>`.
 """
 import argparse
+import contextlib
+import io
 import os
 import sys
 import warnings
@@ -11,14 +21,41 @@ import numpy as np
 import pandas as pd
 
 from border_core import resize_nearest
-from dataset import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, atomic_write, mask_dir, numbered_files,
-                     prediction_path, read_mask, read_prediction)
+from dataset import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN,
+                     RESULT_TRACK_FILE, TRACK_FILE, DataError, atomic_write, mask_dir, numbered_files, prediction_path,
+                     read_mask, read_prediction)
 from energy import EnergyMeter
-from metrics import score_frame
+from metrics import IOU_THRESHOLDS, detection_scores, iou_counts, score_frame
+
+TP_COLUMNS = [f"tp{round(100 * t)}" for t in IOU_THRESHOLDS]
+COLUMNS = (["sequence", "frame", "score", "gt_count", "pred_count", "matched"] + TP_COLUMNS
+           + ["precision50", "recall50", "f1_50", "ap50", "map"])
+
+
+def detection_columns(tp: np.ndarray, gt_count, pred_count) -> dict:
+    """precision50, recall50, f1_50, ap50 and map from true positives at IOU_THRESHOLDS (arrays over rows allowed)."""
+    tp = np.asarray(tp, np.int64)
+    at_50 = detection_scores(tp[..., 0], pred_count - tp[..., 0], gt_count - tp[..., 0])
+    every = detection_scores(tp, np.expand_dims(pred_count, -1) - tp, np.expand_dims(gt_count, -1) - tp)
+    return {"precision50": at_50["precision"], "recall50": at_50["recall"], "f1_50": at_50["f1"],
+            "ap50": at_50["ap"], "map": every["ap"].mean(-1)}
+
+
+def frame_row(sequence: str, number: int, gt: np.ndarray, pred: np.ndarray) -> tuple:
+    score, n_gt, n_pred, matched = score_frame(gt, pred)
+    tp = iou_counts(gt, pred, IOU_THRESHOLDS)[:, 0]
+    scores = detection_columns(tp, n_gt, n_pred)
+    return (sequence, number, score, n_gt, n_pred, matched, *tp.tolist(), *(float(v) for v in scores.values()))
+
+
+def sequence_scores(rows: pd.DataFrame) -> dict:
+    """The detection scores of a sequence from the pooled counts of its frames."""
+    pooled = detection_columns(rows[TP_COLUMNS].sum().to_numpy(), rows["gt_count"].sum(), rows["pred_count"].sum())
+    return {name: float(value) for name, value in pooled.items()}
 
 
 def evaluate(pred_dir: str, gt_dir: str, sequences=None, native: bool = False) -> pd.DataFrame:
-    """One row per GT frame of the chosen sequences: sequence, frame, score, gt_count, pred_count, matched.
+    """One row per GT frame of the chosen sequences, the columns of COLUMNS (see the module's docstring).
 
     The challenge's way: <seq>/t<frame>_256.tif against the GT resized to 256 x 256 by nearest neighbour. With
     `native`: <seq>/mask<frame>.tif (inference.py --native) against the GT at its own size."""
@@ -45,18 +82,57 @@ def evaluate(pred_dir: str, gt_dir: str, sequences=None, native: bool = False) -
         for number, mask_path in sorted(masks.items()):
             if number not in preds:
                 missing.append(prediction_path(pred_dir, sequence, number, native))
-                gt_count = len(np.unique(read_mask(mask_path))) - 1
-                rows.append((sequence, number, 0.0, gt_count, 0, 0))
+                gt = read_mask(mask_path)
+                row = frame_row(sequence, number, gt, np.zeros_like(gt))
+                rows.append(row[:2] + (0.0,) + row[3:])  # a missing prediction scores 0 even on an empty GT frame
                 continue
             pred = read_prediction(preds[number])
             gt = read_mask(mask_path)
             if native and gt.shape != pred.shape:
                 raise DataError(f"{preds[number]}: size {pred.shape} differs from its ground truth {mask_path} {gt.shape}")
             gt = gt if native else resize_nearest(gt, pred.shape)
-            rows.append((sequence, number, *score_frame(gt, pred)))
+            rows.append(frame_row(sequence, number, gt, pred))
     if missing:
         warnings.warn(f"{len(missing)} frame(s) without a prediction score 0: " + ", ".join(missing))
-    return pd.DataFrame(rows, columns=["sequence", "frame", "score", "gt_count", "pred_count", "matched"])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+CTC_METRICS = ["SEG", "DET", "TRA", "BC(0)"]
+
+
+def check_ctc_folders(res_dir: str, gt_dir: str):
+    """What py-ctcmetrics would otherwise stop on with an assertion: both folders and their files, one frame each."""
+    for path in (os.path.join(res_dir, RESULT_TRACK_FILE), os.path.join(gt_dir, "TRA", TRACK_FILE)):
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: missing (a CTC {'result' if path.startswith(res_dir) else 'ground truth'} "
+                            "folder has one)")
+    results = numbered_files(res_dir, RESULT_MASK_PATTERN)
+    truth = [name for name in os.listdir(os.path.join(gt_dir, "TRA")) if name.endswith(".tif")]
+    if len(results) != len(truth) or sorted(results) != list(range(len(results))):
+        raise DataError(f"{res_dir}: {len(results)} result masks mask<frame>.tif numbered from 0 expected, one per "
+                        f"ground-truth frame in {os.path.join(gt_dir, 'TRA')} ({len(truth)})")
+    stray = [name for name in os.listdir(res_dir) if name.endswith(".tif") and not RESULT_MASK_PATTERN.match(name)]
+    if stray:
+        raise DataError(f"{os.path.join(res_dir, stray[0])}: a result folder holds only mask<frame>.tif images")
+
+
+def ctc_scores(res_dir: str, gt_dir: str, threads: int = 1) -> dict:
+    """SEG, DET, TRA and the division counts (BC(0): a division found in its exact frame) of a CTC tracking result,
+    by py-ctcmetrics (the maintained Python port of the CTC's evaluation software). Its own progress prints are
+    swallowed."""
+    check_ctc_folders(res_dir, gt_dir)
+    from ctc_metrics import evaluate_sequence  # imported here: only this mode needs it
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        return evaluate_sequence(res_dir, gt_dir, metrics=list(CTC_METRICS), threads=threads)
+
+
+def print_ctc_scores(res_dir: str, scores: dict):
+    if not scores.get("Valid", 1) or scores.get("TRA") is None:
+        print(f"CTC {res_dir}: invalid result (py-ctcmetrics' validity check failed): SEG, DET, TRA not computed")
+        return
+    print(f"CTC {res_dir}: SEG {scores['SEG']:.6f}, DET {scores['DET']:.6f}, TRA {scores['TRA']:.6f}, divisions "
+          f"{scores['tp_div(0)']} of {scores['gt_divisions']} found, {scores['fp_div(0)']} false")
 
 
 def write_csv_atomically(table: pd.DataFrame, path: str):
@@ -65,8 +141,8 @@ def write_csv_atomically(table: pd.DataFrame, path: str):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pred_dir", required=True, help="folder with <seq>/t<frame>_256.tif predictions")
-    parser.add_argument("--root_dir", "--gt_dir", dest="root_dir", required=True,
+    parser.add_argument("--pred_dir", default=None, help="folder with <seq>/t<frame>_256.tif predictions")
+    parser.add_argument("--root_dir", "--gt_dir", dest="root_dir", default=None,
                         help="data root with ground truth, challenge or CTC layout (--gt_dir: the baseline's spelling)")
     parser.add_argument("--seqs", default=None,
                         help="comma-separated sequences to score (default: every sequence folder of pred_dir with GT)")
@@ -74,16 +150,35 @@ def main(argv=None):
                         help="score the native-size maps <seq>/mask<frame>.tif (inference.py --native) against the GT "
                              "at its own size, instead of the challenge's 256 x 256")
     parser.add_argument("--csv", default=None, help="per-frame scores (default: <pred_dir>/instance_dice.csv)")
+    parser.add_argument("--ctc_res", default=None, help="a tracking result folder (mask000.tif ..., res_track.txt, "
+                        "as track.py writes it): print its SEG, DET and TRA against --ctc_gt")
+    parser.add_argument("--ctc_gt", default=None, help="the CTC ground truth of that sequence (<seq>_GT, with TRA/ "
+                        "and SEG/)")
+    parser.add_argument("--ctc_threads", type=int, default=1, help="processes py-ctcmetrics matches frames with")
     args = parser.parse_args(argv)
+    if (args.pred_dir is None) != (args.root_dir is None) or (args.ctc_res is None) != (args.ctc_gt is None):
+        parser.error("--pred_dir and --root_dir go together, and so do --ctc_res and --ctc_gt")
+    if args.pred_dir is None and args.ctc_res is None:
+        parser.error("give --pred_dir and --root_dir (Instance Dice), or --ctc_res and --ctc_gt (SEG, DET, TRA)")
     meter = EnergyMeter(gpus=[]).start()  # scoring runs on the CPU: RAPL where readable, else time
     try:
-        table = evaluate(args.pred_dir, args.root_dir, args.seqs.split(",") if args.seqs else None, args.native)
+        ctc = ctc_scores(args.ctc_res, args.ctc_gt, args.ctc_threads) if args.ctc_res else None
+        table = evaluate(args.pred_dir, args.root_dir, args.seqs.split(",") if args.seqs else None, args.native) \
+            if args.pred_dir else None
     except DataError as error:
         sys.exit(f"error: {error}")
     meter.stop()
+    if ctc is not None:
+        print_ctc_scores(args.ctc_res, ctc)
+    if table is None:
+        print(meter.report(frames=None))
+        return ctc
     write_csv_atomically(table, args.csv or os.path.join(args.pred_dir, "instance_dice.csv"))
-    for sequence, scores in table.groupby("sequence")["score"]:
-        print(f"sequence {sequence}: {len(scores)} frames, Instance Dice {scores.mean():.6f}")
+    for sequence, rows in table.groupby("sequence"):
+        pooled = sequence_scores(rows)
+        print(f"sequence {sequence}: {len(rows)} frames, Instance Dice {rows['score'].mean():.6f}; at IoU 0.5 "
+              f"precision {pooled['precision50']:.4f}, recall {pooled['recall50']:.4f}, F1 {pooled['f1_50']:.4f}, "
+              f"AP {pooled['ap50']:.4f}; mean AP 0.5:0.95 {pooled['map']:.4f}")
     mean = table["score"].mean()
     print(meter.report(frames=len(table)))
     print(f"Mean Instance Dice: {mean:.6f}")

@@ -3,10 +3,16 @@
     python pictures.py sample  --root_dir demo_data --seq c --frame 39 --out_dir readme_imgs   # img.png, mask.png
     python pictures.py overlay --root_dir demo_data --pred_dir pred/demo --seq c --frames 10,39 --out_dir readme_imgs
     python pictures.py curves  --metrics runs/demo/metrics.csv --out readme_imgs/curves.png
+    python pictures.py lineage --track_dir track/01_RES --out readme_imgs/lineage.png
+    python pictures.py tracks  --track_dir track/01_RES --frames 50,100,150 --out readme_imgs/tracks.png
 
 overlay: the image at the prediction's size (256 x 256), predicted instance outlines in yellow, GT outlines in cyan
 (where they coincide, the prediction's colour wins), one file overlay_<seq>_<frame>.png per frame.
 curves: train_loss, val_loss and val_instance_dice per epoch from a run's metrics.csv.
+lineage: the lineage tree of a tracking result (track.py's res_track.txt): time across, one horizontal line per track,
+a vertical connector from each mother's end to its daughters; the trees of the founders one below the other.
+tracks: a few frames of a tracking result side by side, each cell filled with its track's colour (the same colour in
+every frame), with the image underneath where --root_dir and --seq name the sequence.
 """
 import argparse
 import os
@@ -24,8 +30,8 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from border_core import resize_nearest
-from dataset import (DataError, list_frames, mask_dir, prediction_path, read_mask, read_prediction, read_tiff_2d,
-                     to_uint8_range)
+from dataset import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, list_frames, mask_dir, numbered_files,
+                     prediction_path, read_mask, read_prediction, read_tiff_2d, read_tracks, to_uint8_range)
 
 PRED_COLOUR, GT_COLOUR = (255, 220, 0), (0, 220, 255)
 
@@ -111,6 +117,101 @@ def training_curves(metrics_csv: str, out: str):
     plt.close(fig)
 
 
+def lineage_order(tracks: np.ndarray) -> list[int]:
+    """Row order of the tracks in the tree: depth first from each root, daughters right below their mother, so that
+    every family occupies a block of rows and no connector crosses another family."""
+    children = {}
+    for label, _, _, parent in tracks:
+        children.setdefault(int(parent), []).append(int(label))
+    order, stack = [], list(reversed(children.get(0, [])))
+    while stack:  # O(tracks)
+        label = stack.pop()
+        order.append(label)
+        stack.extend(reversed(children.get(label, [])))
+    return order
+
+
+def lineage_picture(track_dir: str, out: str, max_tracks: int = 400):
+    """The lineage tree of res_track.txt (the first max_tracks rows of the tree, whole families first)."""
+    tracks = read_tracks(os.path.join(track_dir, RESULT_TRACK_FILE))
+    if not len(tracks):
+        raise DataError(f"{os.path.join(track_dir, RESULT_TRACK_FILE)}: no track")
+    by_label = {int(row[0]): row for row in tracks}
+    order = lineage_order(tracks)[:max_tracks]
+    row_of = {label: k for k, label in enumerate(order)}
+    colours = plt.get_cmap("tab10").colors
+    fig, axis = plt.subplots(figsize=(8, min(2 + 0.045 * len(order), 40)), dpi=120)
+    root_of = {}
+    for label in order:  # parents come before their daughters in the order
+        parent = int(by_label[label][3])
+        root_of[label] = root_of.get(parent, label) if parent in row_of else label
+    for label in order:
+        _, begin, end, parent = (int(v) for v in by_label[label])
+        y, colour = row_of[label], colours[list(dict.fromkeys(root_of.values())).index(root_of[label]) % 10]
+        axis.plot([begin, end + 1], [y, y], color=colour, lw=1.6, solid_capstyle="butt")
+        if parent in row_of:  # the connector: from the mother's last frame down to the daughter's first
+            axis.plot([begin, begin], [row_of[parent], y], color=colour, lw=0.8)
+    axis.set_xlabel("frame")
+    axis.set_ylabel("tracks (daughters below their mother)")
+    axis.set_yticks([])
+    axis.set_ylim(len(order), -1)
+    axis.set_xlim(0, int(tracks[:, 2].max()) + 1)
+    shown = f"first {len(order)} of {len(tracks)} tracks" if len(order) < len(tracks) else f"{len(tracks)} tracks"
+    divisions = int((np.bincount(tracks[:, 3])[1:] >= 2).sum())
+    axis.set_title(f"lineage: {shown}, {divisions} divisions", fontsize=10)
+    axis.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
+def track_colours(n_tracks: int) -> np.ndarray:
+    """A fixed, well-spread colour per track id (index 0, the background, black): neighbours get unrelated hues."""
+    rng = np.random.default_rng(0)
+    colours = plt.get_cmap("hsv")(rng.permutation(np.linspace(0, 1, max(n_tracks, 1), endpoint=False)))[:, :3]
+    colours = 0.35 + 0.65 * colours  # lighter: outlines and the image stay visible
+    return np.vstack([[0, 0, 0], colours])
+
+
+def tracks_picture(track_dir: str, frames: list[int], out: str, root_dir: str | None = None,
+                   sequence: str | None = None):
+    """Frames of a tracking result side by side, cells coloured by track id, outlined in black; over the image when
+    root_dir and sequence are given (the image resized to the result's size)."""
+    masks = numbered_files(track_dir, RESULT_MASK_PATTERN) if os.path.isdir(track_dir) else {}
+    absent = [n for n in frames if n not in masks]
+    if absent:
+        raise DataError(f"{track_dir}: no result mask of frame {', '.join(map(str, absent))}")
+    images = {}
+    if root_dir is not None:
+        by_number = {f.number: f for f in list_frames(root_dir, sequence, with_masks=False)}
+        missing = [n for n in frames if n not in by_number]
+        if missing:
+            raise DataError(f"{os.path.join(root_dir, sequence)}: no image of frame {', '.join(map(str, missing))}")
+        images = {n: read_tiff_2d(by_number[n].image_path) for n in frames}
+    maps = {n: read_prediction(masks[n]).astype(np.int64) for n in frames}
+    colours = track_colours(max(int(m.max()) for m in maps.values()))
+    panels = []
+    for n in frames:
+        labels = maps[n]
+        rgb = colours[labels]
+        if n in images:
+            grey = grey_to_rgb(images[n], labels.shape) / 255.0
+            rgb = np.where(labels[..., None] > 0, 0.55 * rgb + 0.45 * grey, grey)
+        rgb[find_boundaries(labels, mode="inner")] = 0
+        panels.append((n, rgb))
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.5), dpi=120, squeeze=False)
+    for axis, (n, rgb) in zip(axes[0], panels):
+        axis.imshow(rgb, interpolation="nearest")
+        axis.set_title(f"frame {n}: {len(np.unique(maps[n])) - 1} cells", fontsize=9)
+        axis.axis("off")
+    fig.suptitle("cells coloured by track id (a daughter gets a new colour)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -128,6 +229,16 @@ def main(argv=None):
     curves = commands.add_parser("curves", help="training curves of a run")
     curves.add_argument("--metrics", required=True, help="a run's metrics.csv")
     curves.add_argument("--out", default="readme_imgs/curves.png")
+    lineage = commands.add_parser("lineage", help="lineage tree of a tracking result")
+    lineage.add_argument("--track_dir", required=True, help="track.py's result folder (res_track.txt)")
+    lineage.add_argument("--max_tracks", type=int, default=400, help="draw at most this many tracks")
+    lineage.add_argument("--out", default="readme_imgs/lineage.png")
+    tracks = commands.add_parser("tracks", help="frames of a tracking result coloured by track id")
+    tracks.add_argument("--track_dir", required=True, help="track.py's result folder (mask000.tif ...)")
+    tracks.add_argument("--frames", default="0", help="comma-separated frame numbers")
+    tracks.add_argument("--root_dir", default=None, help="data root: draw the images underneath")
+    tracks.add_argument("--seq", default=None, help="the sequence of --root_dir")
+    tracks.add_argument("--out", default="readme_imgs/tracks.png")
     args = parser.parse_args(argv)
     try:
         run(args)
@@ -143,6 +254,14 @@ def run(args):
         for path in overlay_pictures(args.root_dir, args.pred_dir, args.seq,
                                      [int(f) for f in args.frames.split(",")], args.out_dir):
             print(f"wrote {path}")
+    elif args.command == "lineage":
+        lineage_picture(args.track_dir, args.out, args.max_tracks)
+        print(f"wrote {args.out}")
+    elif args.command == "tracks":
+        if (args.root_dir is None) != (args.seq is None):
+            raise DataError(f"{args.root_dir or args.seq}: --root_dir and --seq go together")
+        tracks_picture(args.track_dir, [int(f) for f in args.frames.split(",")], args.out, args.root_dir, args.seq)
+        print(f"wrote {args.out}")
     else:
         training_curves(args.metrics, args.out)
         print(f"wrote {args.out}")

@@ -3,6 +3,7 @@
     python simulate.py --out_dir demo_data                                  # the challenge layout: a..c with GT, d, e without
     python simulate.py --out_dir sim --frames 800 --size 512 --sequences 5 --seed 1
     python simulate.py --out_dir sim --randomise --sequences 8 --frames 30 --size 256  # a look and geometry each
+    python simulate.py --out_dir sim_ctc --layout ctc --sequences 1 --without_gt 0 --frames 200   # 01, 01_GT/{SEG,TRA}
 
 Biology: rod-shaped cells (capsules: a segment with round caps) grow exponentially in length, divide in two at a
 length threshold drawn per cell, and push each other apart (and away from the chamber walls) so that they do not
@@ -12,7 +13,9 @@ The growth rate is set so that the chamber fills after about 85 % of the movie; 
 
 Optics (as real phase contrast): dark cells with bright boundaries between neighbours and a bright halo around them,
 on a grey background, blurred, under uneven illumination that flickers slightly, with noise; uint8 frames. Masks are
-uint16; a cell keeps its label (its track id) from birth to division, daughters get new labels.
+uint16; a cell keeps its label (its track id) from birth to division, daughters get new labels. The true lineage
+(the mother of each daughter) is kept, and the CTC layout (--layout ctc) writes it as tracking ground truth
+(<seq>_GT/TRA: man_track000.tif and man_track.txt); a cell that leaves the chamber ends its track there.
 
 With --randomise (or simulate_sequence(..., look=Look(...), geometry=Geometry(...)) from a training script) each
 sequence draws its own look and geometry from its seed, for a generalist model: cell width and length, phase contrast
@@ -34,7 +37,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from dataset import DataError, write_sequence
+from dataset import DataError, ctc_digits, write_ctc_sequence, write_sequence
 
 CELL_RADIUS = 6.0  # px: cells 12 px wide, like C. glutamicum at 0.072 µm/px
 DIVISION_LENGTH = 50.0  # px, tip to tip, mean of the per-cell threshold
@@ -49,7 +52,7 @@ LANE_ALIGNMENT = 0.05  # rad per relaxation step (at 45°) by which a channel tu
 
 class Colony:
     """Cells as capsules: centre (x, y), axis angle, segment length (tip to tip minus 2 r), growth rate per frame,
-    division length, label. All arrays of one entry per cell."""
+    division length, label. All arrays of one entry per cell; `parent` maps each daughter's label to its mother's."""
 
     def __init__(self, rng: np.random.Generator, chamber, n_frames: int, n_start: int = 1,
                  radius: float = CELL_RADIUS, division_length: float = DIVISION_LENGTH,
@@ -81,6 +84,7 @@ class Colony:
         self.label = np.arange(1, n_start + 1)
         self.next_label = n_start + 1
         self.divisions = 0
+        self.parent = {}
         self.pressure = np.zeros(n_start)
         self.relax()
 
@@ -131,6 +135,8 @@ class Colony:
         self.divide_at = np.concatenate([np.delete(self.divide_at, parents), self._draw_division_lengths(2 * n)])
         self.pressure = np.concatenate([np.delete(self.pressure, parents), np.tile(self.pressure[parents], 2)])
         new_labels = self.next_label + np.arange(2 * n)
+        mothers = np.tile(self.label[parents], 2)  # daughters k and n + k are the two halves of mother k
+        self.parent.update(zip(new_labels.tolist(), mothers.tolist()))
         self.label = np.concatenate([np.delete(self.label, parents), new_labels])
         self.next_label += 2 * n
         self.divisions += n
@@ -582,30 +588,42 @@ def simulate_randomised(n_frames: int, size, rng: np.random.Generator, look: Loo
 
 
 def write_simulated_sequence(root: str, name: str, n_frames: int, size, seed: int, with_gt: bool,
-                             randomise: bool = False) -> dict:
-    counts, colony = [], None
+                             randomise: bool = False, layout: str = "challenge") -> dict:
+    counts, colony, parent_of = [], None, {}
 
     def frames():
         nonlocal colony
         for image, labels, colony in simulate_sequence(n_frames, size, seed, randomise=randomise):
             counts.append(len(colony.label))
+            parent_of.update(colony.parent)
             yield image, labels
 
-    write_sequence(root, name, frames(), with_gt)
+    if layout == "ctc":
+        write_ctc_sequence(root, name, frames(), parent_of, with_gt, ctc_digits(n_frames))
+    else:
+        write_sequence(root, name, frames(), with_gt)
     summary = {"cells_first": counts[0], "cells_last": counts[-1], "divisions": colony.divisions}
     if randomise:
         summary["look"], summary["geometry"] = colony.look, colony.geometry
     return summary
 
 
+def sequence_names(n_sequences: int, layout: str = "challenge") -> list[str]:
+    """a, b, c, ... in the challenge layout; 01, 02, ... in the CTC layout."""
+    if layout == "ctc":
+        return [f"{k + 1:02d}" for k in range(n_sequences)]
+    return list(string.ascii_lowercase[:n_sequences])
+
+
 def write_dataset(root: str, n_sequences: int = 5, n_frames: int = 100, size=(256, 256), seed: int = 0,
-                  n_without_gt: int = 2, randomise: bool = False) -> dict:
-    """Sequences a, b, c, ... in the challenge layout; the last n_without_gt have no GT (d, e by default)."""
-    names = list(string.ascii_lowercase[:n_sequences])
+                  n_without_gt: int = 2, randomise: bool = False, layout: str = "challenge") -> dict:
+    """Sequences a, b, c, ... in the challenge layout (01, 02, ... in the CTC layout, with tracking GT); the last
+    n_without_gt have no GT (d, e by default). Sequence k has the same cells in both layouts."""
     summary = {}
-    for k, name in enumerate(names):
+    for k, name in enumerate(sequence_names(n_sequences, layout)):
         summary[name] = write_simulated_sequence(root, name, n_frames, size, seed * 1000 + k,
-                                                 with_gt=k < n_sequences - n_without_gt, randomise=randomise)
+                                                 with_gt=k < n_sequences - n_without_gt, randomise=randomise,
+                                                 layout=layout)
     return summary
 
 
@@ -617,10 +635,14 @@ def describe(info: dict) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out_dir", default="demo_data")
-    parser.add_argument("--sequences", type=int, default=5, help="number of sequences, named a, b, c, ...")
+    parser.add_argument("--root_dir", "--out_dir", dest="out_dir", default="demo_data", help="data root to write")
+    parser.add_argument("--num_sequences", "--sequences", dest="sequences", type=int, default=5, help="number of sequences, named a, b, c, ... (01, 02, "
+                        "... in the CTC layout)")
+    parser.add_argument("--layout", choices=["challenge", "ctc"], default="challenge",
+                        help="challenge: a/t0000.tif, a_GT/man_seg0000.tif; ctc: 01/t000.tif, 01_GT/SEG/man_seg000.tif "
+                             "and tracking GT 01_GT/TRA/man_track000.tif, man_track.txt")
     parser.add_argument("--without_gt", type=int, default=2, help="the last this many sequences get no GT (test)")
-    parser.add_argument("--frames", type=int, default=100, help="frames per sequence")
+    parser.add_argument("--num_frames", "--frames", dest="frames", type=int, default=100, help="frames per sequence")
     parser.add_argument("--size", type=int, nargs="+", default=[256], help="frame size: S (square) or H W")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--randomise", action="store_true",
@@ -631,7 +653,7 @@ def main(argv=None):
     start = time.perf_counter()
     try:
         summary = write_dataset(args.out_dir, args.sequences, args.frames, size, args.seed, args.without_gt,
-                                args.randomise)
+                                args.randomise, args.layout)
     except DataError as error:
         sys.exit(f"error: {error}")
     for name, info in summary.items():

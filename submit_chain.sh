@@ -7,11 +7,13 @@
 #   GPU_RESERVATION=aihero-gpu CPU_RESERVATION=aihero bash submit_chain.sh # in the event's reservations
 #   TRAIN_SBATCH="--nodes=2" TRAIN_ARGS="--num_epochs 30" bash submit_chain.sh
 #   bash submit_chain.sh --account=my_project                              # arguments: sbatch options for all three
+#   TRACK=1 bash submit_chain.sh                                           # and track.sh after inference
 #
-# Environment: what the three scripts read (REPO, WORKSPACE, DATA, VENV, RUN_DIR, CHECKPOINT, SPLIT, PRED_DIR; the
-# jobs get this shell's environment), GPU_RESERVATION (train and inference) and CPU_RESERVATION (eval), and per job
-# extra sbatch options (TRAIN_SBATCH, INFERENCE_SBATCH, EVAL_SBATCH) and script arguments (TRAIN_ARGS,
-# INFERENCE_ARGS, EVAL_ARGS), split at spaces.
+# Environment: what the scripts read (REPO, WORKSPACE, DATA, VENV, RUN_DIR, CHECKPOINT, SPLIT, PRED_DIR, TRACK_DIR,
+# SEQS; the jobs get this shell's environment), GPU_RESERVATION (train and inference) and CPU_RESERVATION (eval and
+# track), TRACK=1 to link the predictions into tracks after inference (beside eval), and per job extra sbatch options
+# (TRAIN_SBATCH, INFERENCE_SBATCH, EVAL_SBATCH, TRACK_SBATCH) and script arguments (TRAIN_ARGS, INFERENCE_ARGS,
+# EVAL_ARGS, TRACK_ARGS), split at spaces.
 set -euo pipefail
 export REPO=${REPO:-$(cd "$(dirname "$0")" && pwd)}  # the jobs find the repository wherever this is run from
 gpu=(${GPU_RESERVATION:+--reservation=$GPU_RESERVATION})
@@ -26,3 +28,8 @@ evaluation=$(submit "$@" "${cpu[@]}" --dependency=afterok:"$inference" ${EVAL_SB
 echo "train: job $train"
 echo "inference: job $inference (after $train)"
 echo "eval: job $evaluation (after $inference)"
+if [ "${TRACK:-0}" = 1 ]; then
+  tracking=$(submit "$@" "${cpu[@]}" --dependency=afterok:"$inference" ${TRACK_SBATCH:-} \
+    "$REPO/track.sh" ${TRACK_ARGS:-})
+  echo "track: job $tracking (after $inference)"
+fi

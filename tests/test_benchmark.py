@@ -15,6 +15,7 @@ EXPECTED_ROWS = [
     "training loader, decode + loop targets per item", "training loader, prepared once and cached",
     "training step alone (forward + backward)",
     "inference, reading + model only", "inference end to end (+ postprocessing, writing)",
+    "tracking, linking",
 ]
 
 

@@ -63,7 +63,11 @@ def test_inference_then_eval(trained):
     line = [l for l in stdout.splitlines() if l.startswith("Mean Instance Dice: ")]
     assert len(line) == 1 and 0 <= float(line[0].split(": ")[1]) <= 1
     table = pd.read_csv(pred / "instance_dice.csv")
-    assert list(table.columns) == ["sequence", "frame", "score", "gt_count", "pred_count", "matched"]
+    assert list(table.columns) == ["sequence", "frame", "score", "gt_count", "pred_count", "matched",
+                                   *[f"tp{t}" for t in range(50, 100, 5)], "precision50", "recall50", "f1_50",
+                                   "ap50", "map"]
+    assert ((table["ap50"] >= 0) & (table["ap50"] <= 1)).all()
+    assert len([l for l in stdout.splitlines() if l.startswith("sequence c: ") and "AP 0.5:0.95" in l]) == 1
     assert list(table["sequence"]) == ["c"] * 6 and list(table["frame"]) == list(range(6))  # d has no GT
     assert abs(table["score"].mean() - float(line[0].split(": ")[1])) < 1e-6
 
