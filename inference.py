@@ -26,6 +26,9 @@ from energy import EnergyMeter
 from unet import UNet, load_model, sliding_window_logits
 
 
+BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "bacteria_generalist.pt")
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,7 +168,9 @@ def main(argv=None):
     parser.add_argument("--split", default="test", choices=["train", "val", "test"],
                         help="sequences by role: test = d,e (04,05 in CTC layout), val = c (03), train = a,b (01,02)")
     parser.add_argument("--seqs", default=None, help="comma-separated sequence names (overrides --split)")
-    parser.add_argument("--from_checkpoint", required=True, help="a .ckpt written by train.py")
+    parser.add_argument("--from_checkpoint", default=BUNDLED_MODEL,
+                        help="a .ckpt written by train.py (default: the bundled generalist model for rod-shaped "
+                             "bacteria, models/bacteria_generalist.pt)")
     parser.add_argument("--pred_dir", default="pred")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
