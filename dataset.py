@@ -39,6 +39,18 @@ class DataError(ValueError):
     """Bad input data: the message names the file (or folder) and what is wrong with it."""
 
 
+def error_line(error: Exception) -> str:
+    """The one line a script prints before exiting non-zero: 'error: <path>: <problem>', for a DataError and for an OS
+    error of a file operation (disk full, permission denied, no such file)."""
+    if isinstance(error, OSError):
+        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        return f"error: {error.filename}: {reason}" if error.filename else f"error: {reason}"
+    message = str(error).strip()
+    if "\nOriginal Traceback" in message:  # raised in a loader worker: torch wraps the message in the traceback
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return f"error: {message}"
+
+
 # ----------------------------------------------------------------------------------------------------------- finding files
 
 @dataclass(frozen=True)
@@ -381,10 +393,16 @@ class CellDataModule(L.LightningDataModule):
     def frames(self, split: str) -> list[Frame]:
         return [f for seq in self.sequences[split] for f in list_frames(self.root_dir, seq, with_masks=True)]
 
+    def load(self):
+        """Read and check every train and val frame now (DataError on the first bad one), so that a script can fail
+        before it creates anything; setup then uses these."""
+        self.train_set = LabelledFrames(self.frames("train"), self.input_size, train=True)
+        self.val_set = LabelledFrames(self.frames("val"), self.input_size)
+
     def setup(self, stage: str):
-        if stage == "fit":
+        if stage == "fit" and getattr(self, "train_set", None) is None:
             self.train_set = LabelledFrames(self.frames("train"), self.input_size, train=True)
-        if stage in ("fit", "validate"):
+        if stage in ("fit", "validate") and getattr(self, "val_set", None) is None:
             self.val_set = LabelledFrames(self.frames("val"), self.input_size)
 
     def _loader(self, dataset, shuffle: bool = False, sampler=None):

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from border_core import resize_nearest
-from dataset import (MASK_PATTERN, PREDICTION_PATTERN, DataError, atomic_write, mask_dir, numbered_files,
+from dataset import (MASK_PATTERN, PREDICTION_PATTERN, DataError, atomic_write, error_line, mask_dir, numbered_files,
                      prediction_path, read_mask, read_prediction)
 from energy import EnergyMeter
 from metrics import score_frame
@@ -67,10 +67,10 @@ def main(argv=None):
     meter = EnergyMeter(gpus=[]).start()  # scoring runs on the CPU: RAPL where readable, else time
     try:
         table = evaluate(args.pred_dir, args.gt_dir, args.seqs.split(",") if args.seqs else None)
-    except DataError as error:
-        sys.exit(f"error: {error}")
-    meter.stop()
-    write_csv_atomically(table, args.csv or os.path.join(args.pred_dir, "instance_dice.csv"))
+        meter.stop()
+        write_csv_atomically(table, args.csv or os.path.join(args.pred_dir, "instance_dice.csv"))
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
     for sequence, scores in table.groupby("sequence")["score"]:
         print(f"sequence {sequence}: {len(scores)} frames, Instance Dice {scores.mean():.6f}")
     mean = table["score"].mean()

@@ -15,6 +15,7 @@ job's --ntasks-per-node and --nodes. On the job's warning signal before its time
 """
 import argparse
 import csv
+import glob
 import os
 import signal
 import subprocess
@@ -27,9 +28,9 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
-from dataset import CellDataModule, DataError
+from dataset import CellDataModule, DataError, error_line
 from energy import EnergyCallback
-from unet import UNet
+from unet import UNet, load_checkpoint
 
 
 def parse_args(argv=None):
@@ -96,7 +97,7 @@ def newest_checkpoint(out_dir: str) -> str | None:
     checkpoints/requeue.ckpt (written on SLURM's warning signal, in the middle of an epoch)."""
     paths = [path for name in ("last.ckpt", "requeue.ckpt")
              if os.path.isfile(path := os.path.join(out_dir, "checkpoints", name))]
-    steps = lambda path: torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    steps = lambda path: load_checkpoint(path)["global_step"]
     return max(paths, key=lambda path: (steps(path), os.path.getmtime(path)), default=None)
 
 
@@ -118,8 +119,37 @@ def restore_metrics(logger: CSVLogger, metrics_file: str, completed_epochs: int)
             logger.log_metrics(values, step=int(float(row["step"])))
 
 
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler wherever the main thread is; BaseException so that no `except Exception` in
+    between swallows it."""
+
+
+def stop_on_sigterm():
+    """`kill <pid>` stops training at once. Lightning's own handler only sets a flag that the loop reads at the end of
+    a step, a minute away on a CPU at the default size. This handler raises instead: Lightning tears the loaders down
+    (their workers with them) and the checkpoints on disk stay those of the last complete epoch (Lightning writes a
+    checkpoint to a temporary file and renames it, so an interrupted save leaves the old one). Single process only:
+    under DDP (and SLURM, whose requeue path sends SIGTERM to every rank) ranks must stop together, at a step's end."""
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a forked loader worker: the parent stops it
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process outright
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)  # Lightning calls it after its own, from the handler it installs in fit
+
+
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return train(args)
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
+
+
+def train(args):
     L.seed_everything(args.seed, workers=True)
     cuda = torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda")
     precision = args.precision or ("16-mixed" if cuda else "32-true")
@@ -133,21 +163,21 @@ def main(argv=None):
     if checkpoint and not (args.resume or requeued):
         sys.exit(f"error: {args.out_dir} already holds a run; continue it with --resume or choose another --out_dir")
     resume_from = checkpoint if args.resume or requeued else None
+    # under SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt of the run folder: those are checked too
+    if SLURMEnvironment.detect():
+        for path in sorted(glob.glob(os.path.join(args.out_dir, "hpc_ckpt_*.ckpt"))):
+            load_checkpoint(path)
 
     split = lambda value: value.split(",") if value else None
-    try:
-        data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs),
-                                     batch_size=args.batch_size, input_size=args.input_size,
-                                     num_workers=args.num_workers)
-        data.frames("train"), data.frames("val")  # fail on bad layout now, not after model set-up
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs), batch_size=args.batch_size,
+                          input_size=args.input_size, num_workers=args.num_workers)
+    data.load()  # every frame read and checked before the run folder or the Trainer exists
     model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size)
 
     logger = CSVLogger(args.out_dir, name="", version="")
     metrics_file = os.path.join(args.out_dir, "metrics.csv")
     if resume_from and os.path.isfile(metrics_file):
-        restore_metrics(logger, metrics_file, completed_epochs(torch.load(resume_from, "cpu", weights_only=False)))
+        restore_metrics(logger, metrics_file, completed_epochs(load_checkpoint(resume_from)))
 
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
                                   save_top_k=1)
@@ -173,7 +203,17 @@ def main(argv=None):
         precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=args.progress_bar, deterministic=False,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    if not slurm and trainer.world_size == 1:
+        stop_on_sigterm()
+    try:
+        # weights_only: Lightning reads the checkpoint again (and under SLURM any hpc_ckpt_*.ckpt of the run folder)
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from, weights_only=True)
+    except Terminated:
+        last_path = os.path.join(checkpoint_dir, "last.ckpt")
+        print("stopped by SIGTERM; " + (f"{last_path} holds the last complete epoch, continue with --resume"
+                                        if os.path.isfile(last_path) else "no epoch was complete, no checkpoint"),
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     if trainer.is_global_zero:
         print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
     return checkpoints
