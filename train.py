@@ -12,6 +12,9 @@ Under SLURM (srun), Lightning's SLURMEnvironment takes ranks and nodes from the 
 job's --ntasks-per-node and --nodes. On the job's warning signal before its time limit (SIGUSR1, `#SBATCH
 --signal=USR1@...`) the run saves checkpoints/requeue.ckpt and requeues the job; the requeued job (SLURM_RESTART_COUNT
 > 0) resumes by itself from whichever of last.ckpt and requeue.ckpt is further into training.
+
+`kill <pid>` (SIGTERM) stops a single-process run at once, exit status 143; its checkpoints are those of the last
+complete epoch. Checkpoints are only ever read weights-only (unet.load_checkpoint): a planted file cannot run code.
 """
 import argparse
 import csv

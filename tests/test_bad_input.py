@@ -175,14 +175,17 @@ def test_planted_hpc_checkpoint_never_runs_under_slurm(data, planted, tmp_path, 
 @pytest.mark.slow
 def test_lightning_reads_the_resumed_checkpoint_weights_only(data, planted, tmp_path, monkeypatch, restore_sigterm):
     """Lightning's trainer.fit(ckpt_path=...) reads the checkpoint once more. Were the file swapped for a planted one
-    after train.py checked it, that read refuses it too (train.py passes weights_only=True)."""
+    after train.py checked it, that read refuses it too: train.py passes weights_only=True, which holds even where
+    the environment turns torch's default off (as here: without the explicit flag the code would run)."""
     import train
 
     write, marker = planted
     write(tmp_path / "run" / "checkpoints" / "last.ckpt")
     monkeypatch.setattr(train, "newest_checkpoint", lambda out_dir: str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
-    with pytest.raises(Exception, match="Weights only load failed"):
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(Exception, match="Weights only load failed") as raised:
         train.main(["--root_dir", data, "--out_dir", str(tmp_path / "run"), "--resume", *map(str, TINY)])
+    assert any("checkpoint_connector" in str(entry.path) for entry in raised.traceback)  # Lightning's own read
     assert not marker.exists()
 
 
@@ -529,10 +532,10 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_sigterm_stops_training_and_its_workers_within_seconds(tmp_path):
-    root = write_dataset(tmp_path / "data", sequences=("a", "b", "c"), unlabelled=(), frames=12, shape=(90, 110))
+    root = write_dataset(tmp_path / "data", sequences=("a", "b", "c"), unlabelled=(), frames=8, shape=(90, 110))
     run_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "train.py", "--root_dir", root, "--out_dir", str(run_dir),
-                                "--num_epochs", "1000", "--input_size", "128", "--batch_size", "2",
+                                "--num_epochs", "1000", "--input_size", "64", "--batch_size", "2",
                                 "--num_workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -557,3 +560,20 @@ def test_sigterm_stops_training_and_its_workers_within_seconds(tmp_path):
     assert not any(map(alive, workers)), workers
     checkpoint = load_checkpoint(last)  # whole and ours
     assert checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] >= 1
+
+
+def test_a_bad_frame_read_in_a_loader_worker_during_inference(data, checkpoint, tmp_path):
+    """Inference reads frames lazily, in the loader's processes: torch raises the worker's DataError again wrapped in
+    its traceback; the script still prints the one line naming the frame."""
+    import inference
+
+    root = tmp_path / "data"
+    (root / "d").mkdir(parents=True)
+    for t in range(3):
+        tifffile.imwrite(root / "d" / f"t{t:04d}.tif", np.zeros((40, 50), np.uint8))
+    with open(root / "d" / "t0002.tif", "r+b") as file:
+        file.truncate(40)
+    message = exit_message(inference.main, ["--root_dir", root, "--seqs", "d", "--from_checkpoint", checkpoint,
+                                            "--pred_dir", tmp_path / "pred", "--num_workers", 2, "--batch_size", 1,
+                                            "--postprocess_workers", 0])
+    assert re.fullmatch(rf"error: {re.escape(str(root / 'd' / 't0002.tif'))}: unreadable TIFF \(.+\)", message), message
