@@ -206,11 +206,14 @@ def train(args):
         precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=args.progress_bar, deterministic=False,
     )
-    if not slurm and trainer.world_size == 1:
+    own_sigterm = not slurm and trainer.world_size == 1
+    if own_sigterm:
         stop_on_sigterm()
     try:
         # weights_only: Lightning reads the checkpoint again (and under SLURM any hpc_ckpt_*.ckpt of the run folder)
         trainer.fit(model, datamodule=data, ckpt_path=resume_from, weights_only=True)
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # training is over: a SIGTERM now just ends the process
     except Terminated:
         last_path = os.path.join(checkpoint_dir, "last.ckpt")
         print("stopped by SIGTERM; " + (f"{last_path} holds the last complete epoch, continue with --resume"
