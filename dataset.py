@@ -50,6 +50,18 @@ class DataError(ValueError):
     """Bad input data: the message names the file (or folder) and what is wrong with it."""
 
 
+def error_line(error: Exception) -> str:
+    """The one line a script prints before exiting non-zero: 'error: <path>: <problem>', for a DataError and for an OS
+    error of a file operation (disk full, permission denied, no such file)."""
+    if isinstance(error, OSError):
+        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        return f"error: {error.filename}: {reason}" if error.filename else f"error: {reason}"
+    message = str(error).strip()
+    if "\nOriginal Traceback" in message:  # raised in a loader worker: torch wraps the message in the traceback
+        message = message.splitlines()[-1].split(": ", 1)[-1]
+    return f"error: {message}"
+
+
 # ----------------------------------------------------------------------------------------------------------- finding files
 
 @dataclass(frozen=True)
@@ -589,18 +601,24 @@ class CellDataModule(L.LightningDataModule):
     def frames(self, split: str) -> list[Frame]:
         return [f for seq in self.sequences[split] for f in list_frames(self.root_dir, seq, with_masks=True)]
 
-    def setup(self, stage: str):
+    def dataset(self, split: str) -> Dataset:
+        if self.patch_size and split == "train":
+            return ScaledFrames(self.frames("train"), self.scale, self.intensity, self.patch_size,
+                                self.patches_per_epoch, self.augment)
         if self.patch_size:
-            if stage == "fit":
-                self.train_set = ScaledFrames(self.frames("train"), self.scale, self.intensity, self.patch_size,
-                                              self.patches_per_epoch, self.augment)
-            if stage in ("fit", "validate"):
-                self.val_set = ScaledFrames(self.frames("val"), self.scale, self.intensity)
-            return
-        if stage == "fit":
-            self.train_set = LabelledFrames(self.frames("train"), self.input_size, train=True, intensity=self.intensity)
-        if stage in ("fit", "validate"):
-            self.val_set = LabelledFrames(self.frames("val"), self.input_size, intensity=self.intensity)
+            return ScaledFrames(self.frames(split), self.scale, self.intensity)
+        return LabelledFrames(self.frames(split), self.input_size, train=split == "train", intensity=self.intensity)
+
+    def load(self):
+        """Read and check every train and val frame now (DataError on the first bad one), so that a script can fail
+        before it creates anything; setup then uses these."""
+        self.train_set, self.val_set = self.dataset("train"), self.dataset("val")
+
+    def setup(self, stage: str):
+        if stage == "fit" and getattr(self, "train_set", None) is None:
+            self.train_set = self.dataset("train")
+        if stage in ("fit", "validate") and getattr(self, "val_set", None) is None:
+            self.val_set = self.dataset("val")
 
     def _loader(self, dataset, shuffle: bool = False, sampler=None):
         batch_size = 1 if self.patch_size and dataset is getattr(self, "val_set", None) else self.batch_size

@@ -22,8 +22,8 @@ import pandas as pd
 
 from border_core import resize_nearest
 from dataset import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN,
-                     RESULT_TRACK_FILE, TRACK_FILE, DataError, atomic_write, mask_dir, numbered_files, prediction_path,
-                     read_mask, read_prediction)
+                     RESULT_TRACK_FILE, TRACK_FILE, DataError, atomic_write, error_line, mask_dir, numbered_files,
+                     prediction_path, read_mask, read_prediction)
 from energy import EnergyMeter
 from metrics import IOU_THRESHOLDS, detection_scores, iou_counts, score_frame
 
@@ -165,15 +165,16 @@ def main(argv=None):
         ctc = ctc_scores(args.ctc_res, args.ctc_gt, args.ctc_threads) if args.ctc_res else None
         table = evaluate(args.pred_dir, args.root_dir, args.seqs.split(",") if args.seqs else None, args.native) \
             if args.pred_dir else None
-    except DataError as error:
-        sys.exit(f"error: {error}")
-    meter.stop()
+        meter.stop()
+        if table is not None:
+            write_csv_atomically(table, args.csv or os.path.join(args.pred_dir, "instance_dice.csv"))
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
     if ctc is not None:
         print_ctc_scores(args.ctc_res, ctc)
     if table is None:
         print(meter.report(frames=None))
         return ctc
-    write_csv_atomically(table, args.csv or os.path.join(args.pred_dir, "instance_dice.csv"))
     for sequence, rows in table.groupby("sequence"):
         pooled = sequence_scores(rows)
         print(f"sequence {sequence}: {len(rows)} frames, Instance Dice {rows['score'].mean():.6f}; at IoU 0.5 "

@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import tifffile
 
-from dataset import DataError, check_labels, read_tiff_2d, write_sequence
+from dataset import DataError, check_labels, error_line, read_tiff_2d, write_sequence
 
 
 def frame_number(name: str):
@@ -125,8 +125,8 @@ def main(argv=None):
         parser.error(f"--frames must be START:STOP, got {args.frames}")
     try:
         count = import_sequence(args.images, args.root_dir, args.name, args.masks, args.crop, frames)
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
     print(f"wrote {count} frames to {os.path.join(args.root_dir, args.name)}"
           + (f" and {args.name}_GT" if args.masks else ""))
 

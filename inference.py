@@ -6,7 +6,8 @@
 
 Writes pred_dir/<seq>/<image name>_256.tif (e.g. pred/d/t0000_256.tif): the instance map at 256 x 256, resized by
 nearest neighbour, in the narrowest unsigned dtype that holds the frame's labels. Each file is written to a temporary
-name and renamed, so a file is either whole or absent.
+name and renamed, so a file is either whole or absent. A pred_dir/<seq> that holds predictions of frames this run does
+not have (left from another run) is refused; --overwrite deletes the old predictions of each sequence first.
 """
 import argparse
 import multiprocessing
@@ -20,8 +21,8 @@ from torch.utils.data import DataLoader
 
 from augment import median_cell_width
 from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest
-from dataset import (DataError, UnlabelledFrames, default_sequences, frame_shape, list_frames, narrowest_unsigned,
-                     prediction_name, write_tiff_atomically)
+from dataset import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, UnlabelledFrames, default_sequences,
+                     error_line, frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
 from energy import EnergyMeter
 from unet import UNet, load_model, sliding_window_logits
 
@@ -162,6 +163,30 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
     return sum(1 for _ in written)
 
 
+def old_predictions(pred_dir: str, sequence: str) -> list[str]:
+    folder = os.path.join(pred_dir, sequence)
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, name) for name in names
+            if PREDICTION_PATTERN.match(name) or NATIVE_PREDICTION_PATTERN.match(name)]
+
+
+def check_prediction_folder(pred_dir: str, sequence: str, frames, overwrite: bool, native: bool = False):
+    """Refuse a folder with predictions this run would not write: mixed with the new ones they would be scored as if
+    they were. With overwrite, every old prediction of the folder is deleted (before anything new is written)."""
+    old = old_predictions(pred_dir, sequence)
+    if overwrite:
+        for path in old:
+            os.unlink(path)
+        return
+    ours = {prediction_name(frame.name) for frame in frames} | \
+        ({prediction_name(frame.name, native=True) for frame in frames} if native else set())
+    stale = [path for path in old if os.path.basename(path) not in ours]
+    if stale:
+        names = ", ".join(os.path.basename(path) for path in stale[:3]) + (", ..." if len(stale) > 3 else "")
+        raise DataError(f"{os.path.join(pred_dir, sequence)}: holds {len(stale)} prediction(s) of frames this run does "
+                        f"not predict ({names}), left from another run; --overwrite clears the old predictions first")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root_dir", required=True, help="data root, challenge or CTC layout")
@@ -183,26 +208,37 @@ def main(argv=None):
                              "default: estimated from a first prediction")
     parser.add_argument("--native", action="store_true",
                         help="also write the instance maps at each frame's own size: <seq>/mask<frame>.tif")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="delete the old predictions in pred_dir/<seq> first (without it such a folder is refused "
+                             "if it holds predictions of frames this run does not predict)")
     args = parser.parse_args(argv)
 
     if not os.path.isfile(args.from_checkpoint):
         sys.exit(f"error: {args.from_checkpoint}: checkpoint not found")
+    try:
+        # on the CPU: the pool below must fork before CUDA is initialised; the model moves to the device when it runs
+        model = load_model(args.from_checkpoint, map_location="cpu")
+        sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
+        # every sequence found and every folder checked before the first file is deleted or written
+        frames = {sequence: list_frames(args.root_dir, sequence, with_masks=False) for sequence in sequences}
+        for sequence in sequences:
+            check_prediction_folder(args.pred_dir, sequence, frames[sequence], args.overwrite, args.native)
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
     device = pick_device(args.device)
     # the meter counts this process's GPU, RAPL where readable, and the CPU time of the pool once it has exited
     meter = EnergyMeter(gpus=[device.index or 0] if device.type == "cuda" else []).start()
     # fork the pool before CUDA is initialised: its processes only run numpy/scipy and never touch the GPU
     pool = multiprocessing.get_context("fork").Pool(args.postprocess_workers) if args.postprocess_workers else None
-    model = load_model(args.from_checkpoint, map_location=device)
     total = 0
     try:
-        sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
         for sequence in sequences:
             count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
                                      args.num_workers, device, pool, args.cell_width, args.native)
             total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    except (DataError, OSError) as error:  # also from a pool process (disk full), raised again here
+        sys.exit(error_line(error))
     finally:
         if pool is not None:
             pool.close()

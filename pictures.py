@@ -30,8 +30,9 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from border_core import resize_nearest
-from dataset import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, list_frames, mask_dir, numbered_files,
-                     prediction_path, read_mask, read_prediction, read_tiff_2d, read_tracks, to_uint8_range)
+from dataset import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, atomic_write, error_line, list_frames,
+                     mask_dir, numbered_files, prediction_path, read_mask, read_prediction, read_tiff_2d, read_tracks,
+                     to_uint8_range)
 
 PRED_COLOUR, GT_COLOUR = (255, 220, 0), (0, 220, 255)
 
@@ -44,8 +45,7 @@ def grey_to_rgb(image: np.ndarray, size=None) -> np.ndarray:
 
 
 def save_png(path: str, rgb: np.ndarray):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    plt.imsave(path, rgb)
+    atomic_write(path, lambda tmp: plt.imsave(tmp, rgb, format="png"), ".png.tmp")
 
 
 def sample_pictures(root_dir: str, sequence: str, frame: int, out_dir: str):
@@ -112,8 +112,8 @@ def training_curves(metrics_csv: str, out: str):
     handles = loss_axis.get_legend_handles_labels()[0] + dice_axis.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.85, 0.5), fontsize=8)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, format=os.path.splitext(out)[1][1:] or "png"),
+                 ".tmp" + os.path.splitext(out)[1])
     plt.close(fig)
 
 
@@ -242,8 +242,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         run(args)
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
 
 
 def run(args):

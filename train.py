@@ -12,9 +12,13 @@ Under SLURM (srun), Lightning's SLURMEnvironment takes ranks and nodes from the 
 job's --ntasks-per-node and --nodes. On the job's warning signal before its time limit (SIGUSR1, `#SBATCH
 --signal=USR1@...`) the run saves checkpoints/requeue.ckpt and requeues the job; the requeued job (SLURM_RESTART_COUNT
 > 0) resumes by itself from whichever of last.ckpt and requeue.ckpt is further into training.
+
+`kill <pid>` (SIGTERM) stops a single-process run at once, exit status 143; its checkpoints are those of the last
+complete epoch. Checkpoints are only ever read weights-only (unet.load_checkpoint): a planted file cannot run code.
 """
 import argparse
 import csv
+import glob
 import os
 import signal
 import subprocess
@@ -29,9 +33,9 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
 
 from augment import median_cell_width
-from dataset import CellDataModule, DataError, read_mask
+from dataset import CellDataModule, DataError, error_line, read_mask
 from energy import EnergyCallback
-from unet import UNet, export_weights, load_model
+from unet import UNet, export_weights, load_checkpoint, load_model
 
 
 # The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
@@ -152,7 +156,7 @@ def newest_checkpoint(out_dir: str) -> str | None:
     checkpoints/requeue.ckpt (written on SLURM's warning signal, in the middle of an epoch)."""
     paths = [path for name in ("last.ckpt", "requeue.ckpt")
              if os.path.isfile(path := os.path.join(out_dir, "checkpoints", name))]
-    steps = lambda path: torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    steps = lambda path: load_checkpoint(path)["global_step"]
     return max(paths, key=lambda path: (steps(path), os.path.getmtime(path)), default=None)
 
 
@@ -174,8 +178,37 @@ def restore_metrics(logger: CSVLogger, metrics_file: str, completed_epochs: int)
             logger.log_metrics(values, step=int(float(row["step"])))
 
 
+class Terminated(BaseException):
+    """Raised by the SIGTERM handler wherever the main thread is; BaseException so that no `except Exception` in
+    between swallows it."""
+
+
+def stop_on_sigterm():
+    """`kill <pid>` stops training at once. Lightning's own handler only sets a flag that the loop reads at the end of
+    a step, a minute away on a CPU at the default size. This handler raises instead: Lightning tears the loaders down
+    (their workers with them) and the checkpoints on disk stay those of the last complete epoch (Lightning writes a
+    checkpoint to a temporary file and renames it, so an interrupted save leaves the old one). Single process only:
+    under DDP (and SLURM, whose requeue path sends SIGTERM to every rank) ranks must stop together, at a step's end."""
+    main_pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != main_pid:  # a forked loader worker: the parent stops it
+            return
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process outright
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)  # Lightning calls it after its own, from the handler it installs in fit
+
+
 def main(argv=None):
     args = parse_args(argv)
+    try:
+        return train(args)
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
+
+
+def train(args):
     L.seed_everything(args.seed, workers=True)
     cuda = torch.cuda.is_available() and args.accelerator in ("auto", "gpu", "cuda")
     precision = args.precision or ("16-mixed" if cuda else "32-true")
@@ -189,24 +222,25 @@ def main(argv=None):
     if checkpoint and not (args.resume or requeued):
         sys.exit(f"error: {args.out_dir} already holds a run; continue it with --resume or choose another --out_dir")
     resume_from = checkpoint if args.resume or requeued else None
+    # under SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt of the run folder: those are checked too
+    if SLURMEnvironment.detect():
+        for path in sorted(glob.glob(os.path.join(args.out_dir, "hpc_ckpt_*.ckpt"))):
+            load_checkpoint(path)
 
     split = lambda value: value.split(",") if value else None
-    try:
-        data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs),
-                              batch_size=args.batch_size, input_size=args.input_size, num_workers=args.num_workers,
-                              patch_size=args.patch_size, patches_per_epoch=args.patches_per_epoch,
-                              intensity=args.intensity, augment=not args.no_augment)
-        train_frames, _ = data.frames("train"), data.frames("val")  # fail on bad layout now, not after model set-up
-        init = load_model(args.init_from) if args.init_from else None
-        cell_width = None
-        if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
-            data_width = median_cell_width(read_mask(frame.mask_path) for frame in train_frames)
-            cell_width = args.model_cell_width or (init.hparams.cell_width if init is not None else None) or data_width
-            data.scale = cell_width / data_width
-            print(f"cells {data_width:.1f} px wide in the training frames; model's scale {cell_width:.1f} px "
-                  f"(frames rescaled by {data.scale:.2f})")
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs), batch_size=args.batch_size,
+                          input_size=args.input_size, num_workers=args.num_workers, patch_size=args.patch_size,
+                          patches_per_epoch=args.patches_per_epoch, intensity=args.intensity,
+                          augment=not args.no_augment)
+    init = load_model(args.init_from) if args.init_from else None
+    cell_width = None
+    if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
+        data_width = median_cell_width(read_mask(frame.mask_path) for frame in data.frames("train"))
+        cell_width = args.model_cell_width or (init.hparams.cell_width if init is not None else None) or data_width
+        data.scale = cell_width / data_width
+        print(f"cells {data_width:.1f} px wide in the training frames; model's scale {cell_width:.1f} px "
+              f"(frames rescaled by {data.scale:.2f})")
+    data.load()  # every frame read and checked before the run folder or the Trainer exists
     # a fine-tuned model keeps the architecture and thresholds of the one it starts from
     kept = {k: init.hparams[k] for k in ("widths", "small_center_threshold", "isolated_border_threshold")} if init \
         else {}
@@ -218,7 +252,7 @@ def main(argv=None):
     logger = CSVLogger(args.out_dir, name="", version="")
     metrics_file = os.path.join(args.out_dir, "metrics.csv")
     if resume_from and os.path.isfile(metrics_file):
-        restore_metrics(logger, metrics_file, completed_epochs(torch.load(resume_from, "cpu", weights_only=False)))
+        restore_metrics(logger, metrics_file, completed_epochs(load_checkpoint(resume_from)))
 
     checkpoints = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
                                   save_top_k=1)
@@ -241,11 +275,25 @@ def main(argv=None):
     # folder, never the folder the job was submitted from
     progress_bar = args.progress_bar == "on" or (args.progress_bar == "auto" and sys.stderr.isatty())
     trainer = L.Trainer(
-        max_epochs=args.num_epochs, min_steps=args.min_steps or None, accelerator=args.accelerator, devices=devices, num_nodes=num_nodes,
+        max_epochs=args.num_epochs, min_steps=args.min_steps or None, accelerator=args.accelerator, devices=devices,
+        num_nodes=num_nodes,
         precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=progress_bar, deterministic=False,
     )
-    trainer.fit(model, datamodule=data, ckpt_path=resume_from)
+    own_sigterm = not slurm and trainer.world_size == 1
+    if own_sigterm:
+        stop_on_sigterm()
+    try:
+        # weights_only: Lightning reads the checkpoint again (and under SLURM any hpc_ckpt_*.ckpt of the run folder)
+        trainer.fit(model, datamodule=data, ckpt_path=resume_from, weights_only=True)
+        if own_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)  # training is over: a SIGTERM now just ends the process
+    except Terminated:
+        last_path = os.path.join(checkpoint_dir, "last.ckpt")
+        print("stopped by SIGTERM; " + (f"{last_path} holds the last complete epoch, continue with --resume"
+                                        if os.path.isfile(last_path) else "no epoch was complete, no checkpoint"),
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)
     if trainer.is_global_zero:
         print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
         if args.export_to:

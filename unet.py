@@ -1,4 +1,7 @@
-"""The U-Net of the baseline (SPEC §4) as a LightningModule: model, loss, optimiser and the validation score."""
+"""The U-Net of the baseline (SPEC §4) as a LightningModule: model, loss, optimiser and the validation score; and the
+one way every script reads a checkpoint (load_checkpoint, load_model)."""
+import re
+
 import lightning as L
 import numpy as np
 import torch
@@ -9,7 +12,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from augment import IGNORE
 from border_core import instances_from_border_core, resize_nearest
-from dataset import atomic_write
+from dataset import DataError, atomic_write
 from metrics import instance_dice
 
 
@@ -94,19 +97,87 @@ class UNet(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-def load_model(path: str, map_location="cpu") -> UNet:
-    """A UNet from a checkpoint of train.py or a bundled weights file (the same two keys: hyper_parameters and
-    state_dict, which may be float16). Read with weights_only=True: tensors and plain values only, never code."""
-    checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    model = UNet(**checkpoint["hyper_parameters"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()})
-    return model.to(map_location)
+# ------------------------------------------------------------------------------------------------------------ checkpoints
 
+# What every checkpoint that train.py writes holds (Lightning's dump_checkpoint): the run's position, the model's
+# arguments and weights. Optimiser, scheduler and callback states are there too but only Lightning reads them.
+CHECKPOINT_KEYS = ("global_step", "loops", "hyper_parameters", "state_dict")
+WEIGHTS_KEYS = ("hyper_parameters", "state_dict")  # a weights file of export_weights (the bundled model)
+
+
+class CheckpointError(DataError):
+    """A file that is not a checkpoint written by train.py; the message names it and says why."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"{path}: not a checkpoint of this project ({reason})")
+
+
+def _file_kind(head: bytes) -> str:
+    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        return "a TIFF image"
+    try:
+        head.decode("utf-8")
+        return "a text file"
+    except UnicodeDecodeError:
+        return f"unknown format, starts with {head[:8]!r}"
+
+
+def load_checkpoint(path, map_location="cpu", keys=CHECKPOINT_KEYS) -> dict:
+    """A checkpoint of train.py as a dict, read with torch.load(weights_only=True): the unpickler builds tensors and
+    plain containers only and refuses any other Python object, so a planted file cannot run code. (Lightning's
+    checkpoints of this model hold nothing else; no extra safe globals are needed.) Anything else raises
+    CheckpointError, an unreadable file a DataError."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(64)
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror or error})") from error
+    if not head:
+        raise CheckpointError(path, "empty file")
+    if not head.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive
+        raise CheckpointError(path, f"not a PyTorch zip archive: {_file_kind(head)}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for broken files
+        text = str(error)
+        refused = re.search(r"GLOBAL (\S+)", text)
+        if refused:
+            reason = f"it holds a Python object, {refused.group(1)}, that loading would have to run; refused"
+        elif isinstance(error, (RuntimeError, OSError, EOFError)):  # the zip reader's errors (it starts as a zip)
+            reason = "truncated or corrupt archive"
+        else:
+            reason = f"unreadable: {type(error).__name__}"
+        raise CheckpointError(path, reason) from error
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(path, f"holds a {type(checkpoint).__name__}, not Lightning's checkpoint dict")
+    missing = [key for key in keys if key not in checkpoint]
+    if missing:
+        raise CheckpointError(path, f"no {', '.join(missing)}")
+    return checkpoint
+
+
+def load_model(path, map_location="cpu") -> UNet:
+    """The UNet of a checkpoint of train.py (what UNet.load_from_checkpoint gives, read through load_checkpoint) or of
+    a weights file of export_weights (float16 weights, read back as float32)."""
+    checkpoint = load_checkpoint(path, map_location, keys=WEIGHTS_KEYS)
+    hparams = checkpoint["hyper_parameters"]
+    try:
+        model = UNet(**hparams)
+    except Exception as error:
+        raise CheckpointError(path, f"hyper_parameters do not describe this U-Net: {error}") from error
+    try:
+        model.load_state_dict({name: value.float() if value.is_floating_point() else value
+                               for name, value in checkpoint["state_dict"].items()})
+    except Exception as error:
+        first = str(error).strip().splitlines()
+        raise CheckpointError(path, f"weights do not fit the U-Net: {first[1].strip() if len(first) > 1 else error}") \
+            from error
+    return model.to(map_location)
 
 def export_weights(checkpoint_path: str, out_path: str):
     """A checkpoint's weights as float16 with its hyperparameters, nothing else: half the size, and what load_model
     reads (how the bundled model is shipped)."""
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint(checkpoint_path)
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(checkpoint["hyper_parameters"]).items()}
     atomic_write(out_path, lambda tmp: torch.save({"hyper_parameters": hparams, "state_dict": weights}, tmp), ".pt.tmp")

@@ -12,6 +12,7 @@ import torch
 
 from conftest import ROOT, write_dataset
 from train import newest_checkpoint
+from unet import load_checkpoint
 
 pytestmark = [pytest.mark.slow]
 
@@ -54,7 +55,7 @@ def test_two_processes_log_the_same_epochs_and_score_each_val_frame_once(runs):
         assert list(val_rows["val_frames"]) == [FRAMES] * EPOCHS, devices
         # the training data really was shared out: each process takes half of the 10 frames per epoch
         steps_per_epoch = math.ceil(math.ceil(2 * FRAMES / devices) / BATCH)
-        checkpoint = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(out / "checkpoints" / "last.ckpt")
         assert checkpoint["global_step"] == EPOCHS * steps_per_epoch, devices
 
 
@@ -76,8 +77,10 @@ def test_resume_takes_the_checkpoint_furthest_into_training(tmp_path):
     folder = tmp_path / "checkpoints"
     folder.mkdir()
     assert newest_checkpoint(str(tmp_path)) is None
-    torch.save({"global_step": 12}, folder / "last.ckpt")
-    torch.save({"global_step": 14}, folder / "requeue.ckpt")
+    save = lambda step, path: torch.save({"global_step": step, "loops": {}, "hyper_parameters": {}, "state_dict": {}},
+                                         path)  # the keys that every checkpoint of train.py holds
+    save(12, folder / "last.ckpt")
+    save(14, folder / "requeue.ckpt")
     assert newest_checkpoint(str(tmp_path)) == str(folder / "requeue.ckpt")  # the signal came 2 steps after last.ckpt
-    torch.save({"global_step": 20}, folder / "last.ckpt")
+    save(20, folder / "last.ckpt")
     assert newest_checkpoint(str(tmp_path)) == str(folder / "last.ckpt")  # the resumed run went on past it

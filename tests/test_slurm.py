@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 
 from conftest import ROOT, write_dataset
+from unet import load_checkpoint
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -169,7 +169,7 @@ def test_warning_signal_requeues_the_job_and_it_resumes_to_the_same_end(cluster,
     assert list(metrics.dropna(subset=["train_loss"])["epoch"]) == list(range(epochs))
     val = metrics.dropna(subset=["val_instance_dice"])
     assert list(val["epoch"]) == list(range(epochs)) and (val["val_frames"] == FRAMES).all()
-    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = load_checkpoint(run / "checkpoints" / "last.ckpt")
     steps_per_epoch = math.ceil(2 * FRAMES / 2 / 2)  # 10 training frames over 2 processes, batches of 2
     assert (last["epoch"], last["global_step"]) == (epochs - 1, epochs * steps_per_epoch)
 
