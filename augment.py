@@ -101,6 +101,8 @@ def median_cell_width(masks) -> float:
     widths = []
     for mask in masks:
         mask = np.asarray(mask)
+        if mask.size and int(mask.max()) > mask.size:  # sparse huge ids (uint32 above 2**31): find_objects would
+            mask = np.unique(mask, return_inverse=True)[1].reshape(mask.shape)  # allocate per id; renumber 0..N
         for label, box in enumerate(ndimage.find_objects(mask), start=1):
             if box is None:
                 continue

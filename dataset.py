@@ -518,13 +518,15 @@ class LabelledFrames(Dataset):
 class ScaledFrames(Dataset):
     """Frames with masks at the model's scale, read once and kept in memory (the patch recipe).
 
-    As a training set (`patches_per_epoch` given) an item is a random augmented patch: (image 1 x P x P, target
+    `scale`: one factor for every frame, or one per sequence name ({sequence: factor}), so that sequences whose cells
+    differ in width all reach the model's cell width. As a training set (`patches_per_epoch` given) an item is a
+    random augmented patch: (image 1 x P x P, target
     P x P with augment.IGNORE outside the frame, an empty tensor); an epoch is that many patches, however few the
     frames. As a validation set an item is a whole frame: (image 1 x H x W, target H x W, gt instances at
     score_size x score_size), H x W the frame's size at the model's scale.
     """
 
-    def __init__(self, frames: list[Frame], scale: float = 1.0, intensity: str = "percentile",
+    def __init__(self, frames: list[Frame], scale: float | dict = 1.0, intensity: str = "percentile",
                  patch_size: int = 256, patches_per_epoch: int | None = None, augment: bool = True,
                  score_size: int = 256):
         if not frames:
@@ -532,10 +534,11 @@ class ScaledFrames(Dataset):
         self.frames, self.patch_size, self.patches_per_epoch, self.augment = frames, patch_size, patches_per_epoch, augment
         self.images, self.masks, self.foreground, self.instances = [], [], [], []
         for frame in frames:
-            image, shape = load_scaled(frame, scale, intensity)
+            frame_scale = scale[frame.sequence] if isinstance(scale, dict) else scale
+            image, shape = load_scaled(frame, frame_scale, intensity)
             mask = compact_labels(read_mask(frame.mask_path, shape, frame.image_path))
             self.images.append(image.astype(np.float16))
-            self.masks.append(rescale(mask, scale, order=0))
+            self.masks.append(rescale(mask, frame_scale, order=0))
             self.foreground.append(foreground_pixels(self.masks[-1]))
             self.instances.append(resize_nearest(mask, (score_size, score_size)))
 

@@ -27,6 +27,7 @@ from energy import EnergyMeter
 from unet import UNet, load_model, sliding_window_logits
 
 
+SCALE_TOLERANCE = (0.8, 1.25)  # estimated scales in this range are taken as 1
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "bacteria_generalist.pt")
 
 
@@ -151,8 +152,11 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
     if model.hparams.patch_size and model.hparams.cell_width:
         if cell_width is None:
             scale, measured = estimate_scale(model, frames, device)
-            print(f"sequence {sequence}: cells about {measured:.1f} px wide (estimated), "
-                  f"model's {model.hparams.cell_width:.1f} px: scale {scale:.2f}")
+            # the model learnt scales 0.7-1.4 (augmentation): resampling for a small mismatch costs more than it buys
+            kept = SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1]
+            print(f"sequence {sequence}: cells about {measured:.1f} px wide (estimated), model's "
+                  f"{model.hparams.cell_width:.1f} px: " + ("frames as they are" if kept else f"scale {scale:.2f}"))
+            scale = 1.0 if kept else scale
         else:
             scale = model.hparams.cell_width / cell_width
     loader = frames_loader(model, frames, scale, batch_size, num_workers, device)

@@ -69,8 +69,10 @@ def overlay(image: np.ndarray, prediction: np.ndarray, gt: np.ndarray | None) ->
     return rgb
 
 
-def overlay_pictures(root_dir: str, pred_dir: str, sequence: str, frames: list[int], out_dir: str) -> list[str]:
-    """One PNG per asked frame. Every frame is checked (image, prediction, GT) before the first picture is written."""
+def overlay_pictures(root_dir: str, pred_dir: str, sequence: str, frames: list[int], out_dir: str,
+                     native: bool = False) -> list[str]:
+    """One PNG per asked frame, at the prediction's size: the challenge's 256 x 256, or with `native` the frame's own
+    (inference.py --native). Every frame is checked (image, prediction, GT) before the first picture is written."""
     has_gt = os.path.isdir(mask_dir(root_dir, sequence))
     by_number = {f.number: f for f in list_frames(root_dir, sequence, with_masks=has_gt)}
     absent = [n for n in frames if n not in by_number]
@@ -78,13 +80,13 @@ def overlay_pictures(root_dir: str, pred_dir: str, sequence: str, frames: list[i
         raise DataError(f"{os.path.join(root_dir, sequence)}: no frame {', '.join(map(str, absent))} "
                         f"(frames {min(by_number)}..{max(by_number)})")
     for number in frames:
-        path = prediction_path(pred_dir, sequence, by_number[number].name)
+        path = prediction_path(pred_dir, sequence, by_number[number].name, native)
         if not os.path.isfile(path):
             raise DataError(f"{path}: prediction of frame {number} not found")
     pictures = []
     for number in frames:
         frame = by_number[number]
-        prediction = read_prediction(prediction_path(pred_dir, sequence, frame.name))
+        prediction = read_prediction(prediction_path(pred_dir, sequence, frame.name, native))
         gt = read_mask(frame.mask_path) if has_gt else None
         pictures.append((os.path.join(out_dir, f"overlay_{sequence}_{frame.name}.png"),
                          overlay(read_tiff_2d(frame.image_path), prediction, gt)))
@@ -225,6 +227,7 @@ def main(argv=None):
     over.add_argument("--pred_dir", required=True)
     over.add_argument("--seqs", "--seq", dest="seq", default="c", help="the sequence")
     over.add_argument("--frames", default="0", help="comma-separated frame numbers")
+    over.add_argument("--native", action="store_true", help="the native-size predictions <seq>/mask<frame>.tif")
     over.add_argument("--out_dir", default="readme_imgs")
     curves = commands.add_parser("curves", help="training curves of a run")
     curves.add_argument("--metrics", required=True, help="a run's metrics.csv")
@@ -252,7 +255,7 @@ def run(args):
         print(f"wrote {args.out_dir}/img.png and {args.out_dir}/mask.png")
     elif args.command == "overlay":
         for path in overlay_pictures(args.root_dir, args.pred_dir, args.seq,
-                                     [int(f) for f in args.frames.split(",")], args.out_dir):
+                                     [int(f) for f in args.frames.split(",")], args.out_dir, args.native):
             print(f"wrote {path}")
     elif args.command == "lineage":
         lineage_picture(args.track_dir, args.out, args.max_tracks)

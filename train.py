@@ -26,6 +26,7 @@ import sys
 import time
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
@@ -235,11 +236,18 @@ def train(args):
     init = load_model(args.init_from) if args.init_from else None
     cell_width = None
     if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
-        data_width = median_cell_width(read_mask(frame.mask_path) for frame in data.frames("train"))
-        cell_width = args.model_cell_width or (init.hparams.cell_width if init is not None else None) or data_width
-        data.scale = cell_width / data_width
-        print(f"cells {data_width:.1f} px wide in the training frames; model's scale {cell_width:.1f} px "
-              f"(frames rescaled by {data.scale:.2f})")
+        frames = data.frames("train") + data.frames("val")
+        widths = {sequence: median_cell_width(read_mask(f.mask_path) for f in frames if f.sequence == sequence)
+                  for sequence in dict.fromkeys(f.sequence for f in frames)}
+        data_width = float(np.nanmedian(list(widths.values())))
+        target = args.model_cell_width or (init.hparams.cell_width if init is not None else None)
+        cell_width = target or data_width
+        # with a target width, each sequence is brought to it (simulated sequences differ; one movie's share it);
+        # without one, the frames keep their own scale
+        data.scale = {sequence: target / width if target and width > 0 else 1.0 for sequence, width in widths.items()}
+        print(f"cells {data_width:.1f} px wide in the training frames (median of sequences); model's scale "
+              f"{cell_width:.1f} px (sequences rescaled by {min(data.scale.values()):.2f}.."
+              f"{max(data.scale.values()):.2f})")
     data.load()  # every frame read and checked before the run folder or the Trainer exists
     # a fine-tuned model keeps the architecture and thresholds of the one it starts from
     kept = {k: init.hparams[k] for k in ("widths", "small_center_threshold", "isolated_border_threshold")} if init \

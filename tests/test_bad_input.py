@@ -19,7 +19,7 @@ from conftest import ROOT, write_dataset
 from dataset import LabelledFrames, error_line, list_frames, read_mask, resize_nearest
 from unet import UNet, load_checkpoint, load_model
 
-TINY = ("--num_epochs", 1, "--input_size", 32, "--batch_size", 2, "--num_workers", 0)
+TINY = ("--recipe", "faithful", "--num_epochs", 1, "--input_size", 32, "--batch_size", 2, "--num_workers", 0)
 
 
 def run(script, *args, umask=-1, env=None, timeout=300):
@@ -535,8 +535,8 @@ def test_sigterm_stops_training_and_its_workers_within_seconds(tmp_path):
     root = write_dataset(tmp_path / "data", sequences=("a", "b", "c"), unlabelled=(), frames=8, shape=(90, 110))
     run_dir = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "train.py", "--root_dir", root, "--out_dir", str(run_dir),
-                                "--num_epochs", "1000", "--input_size", "64", "--batch_size", "2",
-                                "--num_workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                "--recipe", "faithful", "--num_epochs", "1000", "--input_size", "64",
+                                "--batch_size", "2", "--num_workers", "2"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
