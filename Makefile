@@ -68,13 +68,13 @@ demo: $(VENV)/.installed
 # zero-shot. Cost: docs/real_microscopy.md.
 GENERALIST_DATA ?= generalist_data
 GENERALIST_RUN ?= runs/generalist
-GENERALIST_EPOCHS ?= 25
+GENERALIST_EPOCHS ?= 15
 pretrained: $(VENV)/.installed
 	rm -rf $(GENERALIST_DATA) $(GENERALIST_RUN)
 	$(PY) simulate.py --out_dir $(GENERALIST_DATA) --randomise --sequences 26 --without_gt 0 --frames 24 --size 256 \
 		--seed 7
-	$(PY) train.py --root_dir $(GENERALIST_DATA) --train_seqs a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x \
-		--val_seqs y,z --out_dir $(GENERALIST_RUN) --model_cell_width 16 --patch_size 128 --tile_size 256 \
+	$(PY) train.py --root_dir $(GENERALIST_DATA) --train_seqs a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x,y \
+		--val_seqs z --out_dir $(GENERALIST_RUN) --model_cell_width 16 --patch_size 128 --tile_size 256 \
 		--patches_per_epoch 256 --batch_size 8 --num_epochs $(GENERALIST_EPOCHS) \
 		--export_to models/bacteria_generalist.pt
 

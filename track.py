@@ -255,6 +255,8 @@ def find_label_files(folder: str) -> list[str]:
     kinds = {kind: files for kind, files in kinds.items() if files}
     if not kinds:
         raise DataError(f"{folder}: no instance maps (names: {', '.join(LABEL_PATTERNS)})")
+    if set(kinds) == {"prediction (t0000_256.tif)", "result mask (mask000.tif)"}:
+        del kinds["prediction (t0000_256.tif)"]  # inference.py --native wrote both: the frame-size maps are the ones
     if len(kinds) > 1:
         raise DataError(f"{folder}: instance maps of more than one kind of name ({', '.join(kinds)}); keep one")
     files = next(iter(kinds.values()))

@@ -336,3 +336,14 @@ def test_assignment_takes_the_most_pairs_then_the_highest_iou():
     assert sorted(zip(*track.assign(np.array([0, 0, 1]), np.array([0, 1, 1]), np.array([0.9, 0.5, 0.8])))) == \
         [(0, 0), (1, 1)]
     assert len(track.assign(np.array([0]), np.array([0]), np.array([0.05]))[0]) == 0  # below MIN_IOU
+
+
+def test_native_maps_win_over_the_256_copies_that_inference_writes_beside_them(tmp_path):
+    """inference.py --native writes t0000_256.tif and mask0000.tif side by side: the frame-size maps are linked."""
+    labels = tmp_path / "pred"
+    labels.mkdir()
+    for t, frame in enumerate(hand_built_sequence()):
+        tifffile.imwrite(labels / f"mask{t:04d}.tif", frame)
+        tifffile.imwrite(labels / f"t{t:04d}_256.tif", np.zeros((256, 256), np.uint16))  # would give no track at all
+    assert run_track("--labels", labels, "--out_dir", tmp_path / "res") == (0, "")
+    assert [tuple(row) for row in read_tracks(str(tmp_path / "res" / "res_track.txt"))] == EXPECTED_TRACKS
