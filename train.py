@@ -111,6 +111,9 @@ def parse_args(argv=None):
 class EpochLine(Callback):
     """One line per epoch on the console: what a newcomer looks at while a run trains."""
 
+    def on_fit_start(self, trainer, pl_module):
+        self.start = time.perf_counter()  # a run resumed in the middle of an epoch starts no epoch before its end
+
     def on_train_epoch_start(self, trainer, pl_module):
         self.start = time.perf_counter()
 
