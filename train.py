@@ -44,8 +44,8 @@ from unet import UNet, export_weights, load_checkpoint, load_model
 RECIPES = {
     "faithful": dict(num_epochs=100, batch_size=16, input_size=512, patch_size=0, patches_per_epoch=0, tile_size=512,
                      intensity="baseline", min_steps=0),
-    "patches": dict(num_epochs=40, batch_size=8, input_size=512, patch_size=256, patches_per_epoch=128,
-                    tile_size=512, intensity="percentile", min_steps=300),
+    "patches": dict(num_epochs=15, batch_size=8, input_size=512, patch_size=128, patches_per_epoch=128,
+                    tile_size=512, intensity="percentile", min_steps=200),
 }
 
 
