@@ -10,6 +10,7 @@ The CTC numbers frames with 3 digits (4 from 1000 frames on); the readers pair b
 
 Images and masks are paired by sequence name and frame number, never by sorted order.
 """
+import contextlib
 import errno
 import os
 import re
@@ -50,11 +51,16 @@ class DataError(ValueError):
     """Bad input data: the message names the file (or folder) and what is wrong with it."""
 
 
+def os_error_reason(error: OSError) -> str:
+    """What went wrong in a file operation, in words a user acts on."""
+    return "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+
+
 def error_line(error: Exception) -> str:
     """The one line a script prints before exiting non-zero: 'error: <path>: <problem>', for a DataError and for an OS
     error of a file operation (disk full, permission denied, no such file)."""
     if isinstance(error, OSError):
-        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        reason = os_error_reason(error)
         return f"error: {error.filename}: {reason}" if error.filename else f"error: {reason}"
     message = str(error).strip()
     if "\nOriginal Traceback" in message:  # raised in a loader worker: torch wraps the message in the traceback
@@ -300,8 +306,7 @@ def atomic_write(path: str, write, suffix: str = ".tmp"):
         os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except OSError as error:
-        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise DataError(f"{path}: cannot write ({reason})") from error
+        raise DataError(f"{path}: cannot write ({os_error_reason(error)})") from error
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -320,6 +325,27 @@ def narrowest_unsigned(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint64)
 
 
+@contextlib.contextmanager
+def staged_sequence(root_dir: str, name: str, targets: dict):
+    """A hidden staging folder in root_dir for writing a sequence whose folders will be `targets` (name -> path):
+    an existing target is refused before anything is written, OS errors become a DataError naming the sequence, and
+    the staging folder is gone afterwards whatever happened (what was complete was moved out of it)."""
+    for target in targets.values():
+        if os.path.exists(target):
+            raise DataError(f"{target}: already exists; choose another name or remove it first")
+    staging = None
+    try:
+        os.makedirs(root_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=root_dir, prefix=f".write-{name}-")
+        yield staging
+    except OSError as error:
+        raise DataError(f"{os.path.join(root_dir, name)}: cannot write the sequence ({os_error_reason(error)})") \
+            from error
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layout: str = "challenge") -> int:
     """Write one sequence numbered from 0; `frames` is an iterable of (image, mask) pairs (mask ignored without GT),
     consumed one at a time. Everything goes into a hidden staging folder first and is moved into place when complete;
@@ -328,13 +354,8 @@ def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layou
     targets = {"images": os.path.join(root_dir, name)}
     if with_gt:
         targets["masks"] = mask_dir(root_dir, name, layout)
-    for target in targets.values():
-        if os.path.exists(target):
-            raise DataError(f"{target}: already exists; choose another name or remove it first")
-    staging, count = None, 0
-    try:
-        os.makedirs(root_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=root_dir, prefix=f".write-{name}-")
+    count = 0
+    with staged_sequence(root_dir, name, targets) as staging:
         for kind in targets:
             os.makedirs(os.path.join(staging, kind))
         for t, (image, mask) in enumerate(frames):
@@ -349,12 +370,6 @@ def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layou
             os.makedirs(os.path.dirname(targets["masks"]), exist_ok=True)
             os.replace(os.path.join(staging, "masks"), targets["masks"])
         os.replace(os.path.join(staging, "images"), targets["images"])
-    except OSError as error:
-        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise DataError(f"{os.path.join(root_dir, name)}: cannot write the sequence ({reason})") from error
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return count
 
 
@@ -401,13 +416,8 @@ def write_ctc_sequence(root_dir: str, name: str, frames, parent_of: dict, with_g
     targets = {"images": os.path.join(root_dir, name)}
     if with_gt:
         targets["gt"] = os.path.join(root_dir, f"{name}_GT")
-    for target in targets.values():
-        if os.path.exists(target):
-            raise DataError(f"{target}: already exists; choose another name or remove it first")
-    staging, count, first, last = None, 0, {}, {}
-    try:
-        os.makedirs(root_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=root_dir, prefix=f".write-{name}-")
+    count, first, last = 0, {}, {}
+    with staged_sequence(root_dir, name, targets) as staging:
         for folder in ("images", os.path.join("gt", "SEG"), os.path.join("gt", "TRA")):
             os.makedirs(os.path.join(staging, folder))
         for t, (image, mask) in enumerate(frames):
@@ -432,12 +442,6 @@ def write_ctc_sequence(root_dir: str, name: str, frames, parent_of: dict, with_g
                 file.write(format_tracks(tracks))
             os.replace(os.path.join(staging, "gt"), targets["gt"])
         os.replace(os.path.join(staging, "images"), targets["images"])
-    except OSError as error:
-        reason = "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise DataError(f"{os.path.join(root_dir, name)}: cannot write the sequence ({reason})") from error
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
     return count
 
 
