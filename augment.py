@@ -27,8 +27,14 @@ def sample_grid(center, patch_size: int, scale: float = 1.0, angle: float = 0.0,
 
 def resample(image: np.ndarray, mask: np.ndarray, rows: np.ndarray, cols: np.ndarray):
     """Image sampled bilinearly at (rows, cols), mirrored beyond its edges; mask by nearest neighbour, 0 outside;
-    and which grid points lie inside the frame."""
-    patch = ndimage.map_coordinates(image.astype(np.float32, copy=False), [rows, cols], order=1, mode="mirror")
+    and which grid points lie inside the frame. Only the window the grid covers is converted to float32 (frames are
+    kept as float16): a patch costs its own size, not the frame's. The window reaches the frame's edge wherever the
+    grid does, so mirroring about the window's edge is mirroring about the frame's."""
+    top, left = max(int(np.floor(rows.min())) - 1, 0), max(int(np.floor(cols.min())) - 1, 0)
+    bottom = min(int(np.ceil(rows.max())) + 2, image.shape[0])
+    right = min(int(np.ceil(cols.max())) + 2, image.shape[1])
+    window = image[top:bottom, left:right].astype(np.float32)
+    patch = ndimage.map_coordinates(window, [rows - top, cols - left], order=1, mode="mirror")
     r, c = np.rint(rows).astype(np.int64), np.rint(cols).astype(np.int64)
     inside = (r >= 0) & (r < mask.shape[0]) & (c >= 0) & (c < mask.shape[1])
     labels = np.where(inside, mask[np.clip(r, 0, mask.shape[0] - 1), np.clip(c, 0, mask.shape[1] - 1)], 0)

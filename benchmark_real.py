@@ -83,6 +83,7 @@ def run_timed(command: list[str], log_path: str) -> tuple[float, float]:
 
 def score(root: str, checkpoint: str, pred_dir: str, log_dir: str, extra=()) -> dict:
     """Predict the test sequence c with a checkpoint and score it at 256 and at native size."""
+    os.makedirs(log_dir, exist_ok=True)
     run_timed([sys.executable, "inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint,
                "--pred_dir", pred_dir, "--native", *extra], os.path.join(log_dir, "inference.log"))
     return {"dice_256": float(evaluate(pred_dir, root, ["c"])["score"].mean()),
@@ -145,8 +146,7 @@ def main(argv=None):
         }
         if args.generalist:
             todo["zero_shot"] = lambda: score(root, args.generalist, os.path.join(out, "zero_shot", "pred"),
-                                              os.makedirs(os.path.join(out, "zero_shot"), exist_ok=True)
-                                              or os.path.join(out, "zero_shot"))
+                                              os.path.join(out, "zero_shot"))
             todo["fine_tuned"] = lambda: train_and_score(root, os.path.join(out, "fine_tuned"), [
                 "--recipe", "patches", "--init_from", args.generalist, *args.patch_args.split()])
         for recipe in recipes:

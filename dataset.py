@@ -557,8 +557,8 @@ class ScaledFrames(Dataset):
         # torch's generator is seeded per loader worker (seed_everything(workers=True)): reproducible patches
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
         k = int(rng.integers(len(self.frames)))
-        patch, target = random_patch(self.images[k].astype(np.float32), self.masks[k], self.patch_size, rng,
-                                     self.foreground[k], self.augment)
+        patch, target = random_patch(self.images[k], self.masks[k], self.patch_size, rng, self.foreground[k],
+                                     self.augment)
         return normalise(torch.from_numpy(patch)[None]), torch.from_numpy(target.astype(np.int64)), torch.zeros(0)
 
 

@@ -132,7 +132,8 @@ def estimate_scale(model: UNet, frames, device: torch.device, probes: int = 3, r
     for _ in range(rounds):
         loader = frames_loader(model, picks, scale, 1, 0, device)
         maps = [semantic for _, batch in border_core_maps(model, loader, device) for semantic in batch]
-        width_at_scale = median_cell_width([instances_from_border_core(m) for m in maps])
+        thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
+        width_at_scale = median_cell_width([instances_from_border_core(m, *thresholds) for m in maps])
         if not np.isfinite(width_at_scale) or width_at_scale <= 0:
             break  # nothing found: keep the scale we have
         measured = width_at_scale / scale

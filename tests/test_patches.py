@@ -11,7 +11,7 @@ import torch
 from scipy import ndimage
 from torch import nn
 
-from augment import IGNORE, median_cell_width, random_patch, sample_grid
+from augment import IGNORE, median_cell_width, random_patch, resample, sample_grid
 from border_core import instances_from_border_core
 from conftest import ROOT, write_dataset
 from dataset import UnlabelledFrames, list_frames, rescale, to_uint8_range
@@ -153,3 +153,18 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     assert tifffile.imread(tmp_path / "pred" / "c" / "mask0000.tif").shape == (90, 110)
     out = run("eval.py", "--pred_dir", tmp_path / "pred", "--root_dir", root, "--native")
     assert "Mean Instance Dice" in out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_windowed_resampling_equals_resampling_the_whole_frame(seed):
+    """resample converts only the window the grid covers; near and beyond the frame's edges it must mirror exactly
+    as sampling the whole frame does."""
+    rng = np.random.default_rng(seed)
+    image = rng.random((50, 70)).astype(np.float16)
+    mask = rng.integers(0, 5, (50, 70))
+    center = np.array([rng.uniform(0, 49), rng.uniform(0, 69)])
+    rows, cols = sample_grid(center, 40, rng.uniform(0.7, 1.4), rng.uniform(0, 2 * np.pi), bool(seed % 2))
+    patch, labels, inside = resample(image, mask, rows, cols)
+    whole = ndimage.map_coordinates(image.astype(np.float32), [rows, cols], order=1, mode="mirror")
+    np.testing.assert_allclose(patch, whole, rtol=0, atol=1e-6)
+    assert (labels[~inside] == 0).all() and (~inside).any()
