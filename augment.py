@@ -61,13 +61,15 @@ def random_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def random_patch(image: np.ndarray, mask: np.ndarray, patch_size: int, rng: np.random.Generator,
                  foreground=None, augment: bool = True, scale_range=(0.7, 1.4), foreground_bias: float = 0.8,
-                 intensity: bool = True):
+                 intensity: bool = True, turn: bool = True):
     """One training sample: (image patch float32 on the 0..255 scale, border-core targets uint8 with IGNORE outside
     the frame).
 
     The centre is a random foreground pixel with probability `foreground_bias` (cells are often a small part of a
     real frame; `foreground` is an (N, 2) array of candidate pixels, e.g. from `foreground_pixels`), else anywhere.
-    With `augment`: scale log-uniform in `scale_range`, any rotation, a mirror half of the time, and
+    With `augment`: scale log-uniform in `scale_range`, any rotation and a mirror half of the time (unless `turn` is
+    False: data whose masks sit at a fixed sub-pixel offset from the cells, as when they were drawn on another
+    channel, or whose look has a direction; turned, that offset points every way and cannot be learnt), and
     `random_intensity` (unless `intensity` is False). Without it the patch is an axis-aligned crop at scale 1.
     """
     height, width = mask.shape
@@ -78,7 +80,8 @@ def random_patch(image: np.ndarray, mask: np.ndarray, patch_size: int, rng: np.r
     scale, angle, flip = 1.0, 0.0, False
     if augment:
         scale = float(np.exp(rng.uniform(*np.log(scale_range))))
-        angle, flip = rng.uniform(0, 2 * np.pi), bool(rng.random() < 0.5)
+        if turn:
+            angle, flip = rng.uniform(0, 2 * np.pi), bool(rng.random() < 0.5)
     # keep the crop inside the frame where the frame is large enough, so that little of a patch is padding
     half = (patch_size - 1) / 2 / scale
     for axis, size in enumerate((height, width)):

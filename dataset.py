@@ -27,7 +27,7 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from augment import foreground_pixels, random_patch
-from border_core import border_core_targets, resize_nearest
+from border_core import border_core_targets, resize_nearest, resize_nearest_exact
 
 IMAGE_PATTERN = re.compile(r"^t(\d+)\.tiff?$")
 MASK_PATTERN = re.compile(r"^man_seg(\d+)\.tiff?$")
@@ -267,12 +267,13 @@ def to_uint8_range(image: np.ndarray, intensity: str = "baseline") -> np.ndarray
 
 def rescale(image: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
     """A frame resized by `scale` (to round(side * scale)): bilinear for images (order 1), nearest for labels (order
-    0, the same index rule as resize_nearest). scale 1 returns the array itself."""
+    0); both about pixel centres, so a mask stays on its image (border_core.resize_nearest_exact). scale 1 returns the
+    array itself."""
     if scale == 1:
         return image
     size = (max(1, round(image.shape[0] * scale)), max(1, round(image.shape[1] * scale)))
     if order == 0:
-        return resize_nearest(image, size)
+        return resize_nearest_exact(image, size)
     rows = (np.arange(size[0]) + 0.5) * image.shape[0] / size[0] - 0.5
     cols = (np.arange(size[1]) + 0.5) * image.shape[1] / size[1] - 0.5
     grid = np.meshgrid(rows, cols, indexing="ij")
@@ -527,16 +528,17 @@ class ScaledFrames(Dataset):
     random augmented patch: (image 1 x P x P, target
     P x P with augment.IGNORE outside the frame, an empty tensor); an epoch is that many patches, however few the
     frames. As a validation set an item is a whole frame: (image 1 x H x W, target H x W, gt instances at
-    score_size x score_size), H x W the frame's size at the model's scale.
+    score_size x score_size, the frame's own size), H x W its size at the model's scale.
     """
 
     def __init__(self, frames: list[Frame], scale: float | dict = 1.0, intensity: str = "percentile",
                  patch_size: int = 256, patches_per_epoch: int | None = None, augment: bool = True,
-                 score_size: int = 256):
+                 score_size: int = 256, turn: bool = True):
         if not frames:
             raise DataError("no frames given")
         self.frames, self.patch_size, self.patches_per_epoch, self.augment = frames, patch_size, patches_per_epoch, augment
-        self.images, self.masks, self.foreground, self.instances = [], [], [], []
+        self.turn = turn
+        self.images, self.masks, self.foreground, self.instances, self.shapes = [], [], [], [], []
         for frame in frames:
             frame_scale = scale[frame.sequence] if isinstance(scale, dict) else scale
             image, shape = load_scaled(frame, frame_scale, intensity)
@@ -545,6 +547,7 @@ class ScaledFrames(Dataset):
             self.masks.append(rescale(mask, frame_scale, order=0))
             self.foreground.append(foreground_pixels(self.masks[-1]))
             self.instances.append(resize_nearest(mask, (score_size, score_size)))
+            self.shapes.append(shape)
 
     def __len__(self):
         return self.patches_per_epoch or len(self.frames)
@@ -553,12 +556,12 @@ class ScaledFrames(Dataset):
         if self.patches_per_epoch is None:
             image = torch.from_numpy(self.images[index].astype(np.float32))[None]
             target = torch.from_numpy(border_core_targets(self.masks[index]).astype(np.int64))
-            return normalise(image), target, torch.from_numpy(self.instances[index])
+            return normalise(image), target, torch.from_numpy(self.instances[index]), torch.tensor(self.shapes[index])
         # torch's generator is seeded per loader worker (seed_everything(workers=True)): reproducible patches
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
         k = int(rng.integers(len(self.frames)))
         patch, target = random_patch(self.images[k], self.masks[k], self.patch_size, rng, self.foreground[k],
-                                     self.augment)
+                                     self.augment, turn=self.turn)
         return normalise(torch.from_numpy(patch)[None]), torch.from_numpy(target.astype(np.int64)), torch.zeros(0)
 
 
@@ -595,11 +598,11 @@ class CellDataModule(L.LightningDataModule):
 
     def __init__(self, root_dir: str, train_seqs=None, val_seqs=None, batch_size: int = 16, input_size: int = 512,
                  num_workers: int = 2, patch_size: int = 0, patches_per_epoch: int = 512, scale: float = 1.0,
-                 intensity: str = "baseline", augment: bool = True):
+                 intensity: str = "baseline", augment: bool = True, turn: bool = True):
         super().__init__()
         self.root_dir, self.batch_size, self.input_size, self.num_workers = root_dir, batch_size, input_size, num_workers
         self.patch_size, self.patches_per_epoch, self.scale = patch_size, patches_per_epoch, scale
-        self.intensity, self.augment = intensity, augment
+        self.intensity, self.augment, self.turn = intensity, augment, turn
         self.sequences = {
             "train": list(train_seqs or default_sequences(root_dir, "train")),
             "val": list(val_seqs or default_sequences(root_dir, "val")),
@@ -611,7 +614,7 @@ class CellDataModule(L.LightningDataModule):
     def dataset(self, split: str) -> Dataset:
         if self.patch_size and split == "train":
             return ScaledFrames(self.frames("train"), self.scale, self.intensity, self.patch_size,
-                                self.patches_per_epoch, self.augment)
+                                self.patches_per_epoch, self.augment, turn=self.turn)
         if self.patch_size:
             return ScaledFrames(self.frames(split), self.scale, self.intensity)
         return LabelledFrames(self.frames(split), self.input_size, train=split == "train", intensity=self.intensity)

@@ -41,7 +41,7 @@ import pandas as pd
 import tifffile
 from scipy.optimize import linear_sum_assignment
 
-from border_core import resize_nearest
+from border_core import resize_nearest_exact
 from dataset import (MASK_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN, RESULT_TRACK_FILE, TRACK_MASK_PATTERN,
                      DataError, ctc_digits, format_tracks, narrowest_unsigned, numbered_files, read_prediction,
                      result_mask_name)
@@ -281,7 +281,7 @@ def read_label_maps(paths: list[str], out_size=None) -> list[np.ndarray]:
         elif labels.shape != shape:
             raise DataError(f"{path}: frame size {labels.shape} differs from {shape} of {paths[0]}")
         if out_size is not None and labels.shape != tuple(out_size):
-            labels = resize_nearest(labels, tuple(out_size))
+            labels = resize_nearest_exact(labels, tuple(out_size))  # pixel centres aligned
         maps.append(narrowest_unsigned(labels) if labels.dtype.kind == "i" else labels)
     return maps
 

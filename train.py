@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from augment import median_cell_width
 from dataset import CellDataModule, DataError, error_line, read_mask
 from energy import EnergyCallback
-from unet import UNet, export_weights, load_checkpoint, load_model
+from unet import SCALE_TOLERANCE, UNet, export_weights, load_checkpoint, load_model
 
 
 # The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
@@ -71,6 +71,10 @@ def parse_args(argv=None):
                         help="normalisation rule: percentile (every dtype stretched per frame) or baseline (uint8 "
                              "as is)")
     parser.add_argument("--no_augment", action="store_true", help="patch recipe: plain crops, no augmentation")
+    parser.add_argument("--fixed_orientation", action="store_true",
+                        help="patch recipe: no rotations or mirrors in the augmentation, for masks that sit at a fixed "
+                             "offset from the cells (e.g. drawn on another channel) or frames whose look has a "
+                             "direction; scale, intensity, blur and noise stay")
     parser.add_argument("--model_cell_width", type=float, default=None,
                         help="patch recipe: rescale the training frames so that cells are this wide (px), the "
                              "model's scale; default: the frames' own scale, or the --init_from model's")
@@ -235,7 +239,7 @@ def train(args):
     data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs), batch_size=args.batch_size,
                           input_size=args.input_size, num_workers=args.num_workers, patch_size=args.patch_size,
                           patches_per_epoch=args.patches_per_epoch, intensity=args.intensity,
-                          augment=not args.no_augment)
+                          augment=not args.no_augment, turn=not args.fixed_orientation)
     init = load_model(args.init_from) if args.init_from else None
     cell_width = None
     if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
@@ -244,6 +248,10 @@ def train(args):
                   for sequence in dict.fromkeys(f.sequence for f in frames)}
         data_width = float(np.nanmedian(list(widths.values())))
         target = args.model_cell_width or (init.hparams.cell_width if init is not None else None)
+        if not args.model_cell_width and target and SCALE_TOLERANCE[0] <= target / data_width <= SCALE_TOLERANCE[1]:
+            # fine-tuning on cells about as wide as the model's: keep the frames' own pixels, as inference does
+            # (its estimated scale is 1 in this range), and record the data's width as the model's from now on
+            target = None
         cell_width = target or data_width
         # with a target width, each sequence is brought to it (simulated sequences differ; one movie's share it);
         # without one, the frames keep their own scale

@@ -11,10 +11,13 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from augment import IGNORE
-from border_core import instances_from_border_core, resize_nearest
+from border_core import instances_at_score_size, instances_from_border_core
 from dataset import DataError, atomic_write
 from metrics import instance_dice
 
+# A model trained with the patch recipe's scale augmentation (0.7-1.4) takes cells this much narrower or wider than
+# its own as they are: resampling the frames for a small mismatch costs more than it buys (docs/real_microscopy.md).
+SCALE_TOLERANCE = (0.8, 1.25)
 
 # ------------------------------------------------------------------------------------------------------------------ model
 
@@ -70,7 +73,7 @@ class UNet(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, targets, gt_instances = batch
+        images, targets, gt_instances = batch[:3]
         if self.hparams.patch_size:  # whole frames at the model's scale, one per batch, tile by tile as in inference
             logits = sliding_window_logits(self, images[0], self.hparams.tile_size)[None]
         else:
@@ -79,9 +82,12 @@ class UNet(L.LightningModule):
         self.log("val_loss", F.cross_entropy(logits, targets, ignore_index=IGNORE), on_epoch=True,
                  batch_size=len(images), sync_dist=True)
         self.val_iou.update(semantic, targets)
-        for pred_map, gt in zip(semantic.cpu().numpy(), gt_instances.cpu().numpy()):
+        # patch recipe: the frame's own size comes with it, to go back there as inference does (instances_at_score_size)
+        shapes = batch[3].tolist() if len(batch) > 3 else [None] * len(images)
+        for pred_map, gt, shape in zip(semantic.cpu().numpy(), gt_instances.cpu().numpy(), shapes):
             instances = self.instances(pred_map)
-            self.val_instance_dice.update(instance_dice(gt, resize_nearest(instances, gt.shape)))
+            self.val_instance_dice.update(instance_dice(gt, instances_at_score_size(instances, shape or instances.shape,
+                                                                                  gt.shape)))
         self.val_frames.update(len(images))
         self.log("val_iou", self.val_iou, on_epoch=True)
         self.log("val_instance_dice", self.val_instance_dice, on_epoch=True, prog_bar=True)

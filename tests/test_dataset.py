@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import write_dataset
-from border_core import border_core_targets, resize_nearest
+from border_core import border_core_targets, resize_nearest, resize_nearest_exact
 from dataset import (CellDataModule, DataError, LabelledFrames, default_sequences, detect_layout, list_frames,
                      random_brightness_contrast, random_horizontal_flip, to_uint8_range)
 
@@ -104,6 +104,14 @@ def test_resize_nearest_equals_torch_nearest():
     for size in [(16, 16), (64, 128), (37, 53), (100, 21)]:
         expected = F.interpolate(torch.from_numpy(array)[None, None].double(), size=size, mode="nearest")[0, 0]
         np.testing.assert_array_equal(resize_nearest(array, size), expected.numpy().astype(np.int64))
+
+
+def test_resize_nearest_exact_equals_torch_nearest_exact():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 1000, (37, 53)).astype(np.int64)
+    for size in [(16, 16), (64, 128), (37, 53), (100, 21), (33, 47)]:
+        expected = F.interpolate(torch.from_numpy(array)[None, None].double(), size=size, mode="nearest-exact")[0, 0]
+        np.testing.assert_array_equal(resize_nearest_exact(array, size), expected.numpy().astype(np.int64))
 
 
 def test_flip_moves_image_and_target_together_and_brightness_stays_in_range():

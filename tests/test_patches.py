@@ -12,9 +12,9 @@ from scipy import ndimage
 from torch import nn
 
 from augment import IGNORE, median_cell_width, random_patch, resample, sample_grid
-from border_core import instances_from_border_core
+from border_core import instances_from_border_core, resize_nearest, resize_nearest_exact
 from conftest import ROOT, write_dataset
-from dataset import UnlabelledFrames, list_frames, rescale, to_uint8_range
+from dataset import UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range
 from unet import UNet, sliding_window_logits, tile_starts
 
 
@@ -59,6 +59,23 @@ def test_plain_patch_is_a_crop_and_outside_is_ignored():
     image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
     patch, targets = random_patch(image, mask, 64, np.random.default_rng(0), augment=False)
     assert (targets == IGNORE).any() and (targets != IGNORE).sum() == 40 * 50  # the frame once, the rest ignored
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_fixed_orientation_only_zooms(seed):
+    # --fixed_orientation: a frame's left stays left and its top stays top (the offset of masks drawn on another
+    # channel can be learnt); scale still varies
+    rows, cols = np.mgrid[:120, :150].astype(np.float32)
+    mask = rods()
+    turned = 0
+    for turn in (False, True):
+        patch, _ = random_patch(cols, mask, 48, np.random.default_rng(seed), intensity=False, turn=turn)
+        kept = (np.diff(patch, axis=1) > 0).all() and np.allclose(np.diff(patch, axis=0), 0, atol=1e-3)
+        assert kept or turn
+        turned += not kept
+        row_patch, _ = random_patch(rows, mask, 48, np.random.default_rng(seed), intensity=False, turn=False)
+        assert (np.diff(row_patch, axis=0) > 0).all()
+    assert turned == 1  # and without the flag the same seed turns it
 
 
 class PixelModel(nn.Module):
@@ -129,6 +146,32 @@ def test_median_cell_width_and_rescale():
     assert rescale(np.ones((10, 20), np.float32), 1.5).shape == (15, 30)
 
 
+def centroids(labels, weights=None):
+    ids = np.arange(1, int(labels.max()) + 1)
+    return np.array(ndimage.center_of_mass(np.ones(labels.shape) if weights is None else weights, labels, ids))
+
+
+
+@pytest.mark.parametrize("scale", [0.55, 0.89, 1.6])
+def test_rescaled_mask_stays_on_its_image(scale):
+    # half a pixel between an image and its mask costs several points of Instance Dice on 18 px wide cells. 64 discs
+    # at varied sub-pixel positions: one disc's centroid moves by up to half a pixel when its mask is resampled (the
+    # grid), their mean must not (resize_nearest's floor rule moves it by 0.4-0.55 model px here)
+    yy, xx = np.mgrid[:240, :240]
+    mask = np.zeros((240, 240), np.int32)
+    for k, (cy, cx) in enumerate(np.mgrid[15:240:30, 15:240:30].reshape(2, -1).T, start=1):
+        mask[(yy - cy - 0.37 * (k % 3)) ** 2 + (xx - cx - 0.29 * (k % 4)) ** 2 <= 7.3 ** 2] = k
+    image = np.where(mask > 0, 255.0, 0.0).astype(np.float32)
+    small_image, small_mask = rescale(image, scale), rescale(mask, scale, order=0)
+    assert small_image.shape == small_mask.shape and np.unique(small_mask).size == 65
+    around_cells = ndimage.grey_dilation(small_mask, size=5)  # each disc's blurred edge in the image
+    offset = centroids(small_mask) - centroids(around_cells, small_image)
+    assert np.abs(offset.mean(0)).max() < 0.1 and np.abs(offset).max() < 0.3
+    # and from the model's scale back to the frame's (inference.Postprocess): the cells land where they were
+    back = resize_nearest_exact(small_mask, mask.shape)
+    assert np.abs((centroids(back) - centroids(mask)).mean(0)).max() < 0.15
+
+
 @pytest.mark.slow
 def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     from test_pipeline import run
@@ -136,14 +179,21 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     root = write_dataset(tmp_path / "data", sequences=("a", "b", "c"), unlabelled=("d",), frames=4, shape=(90, 110))
     tiny = ["--patch_size", 64, "--tile_size", 64, "--patches_per_epoch", 32, "--batch_size", 4, "--num_workers", 0,
             "--min_steps", 0]
-    run("train.py", "--root_dir", root, "--out_dir", tmp_path / "scratch", "--num_epochs", 3, *tiny)
+    sequences = {seq: list_frames(root, seq, with_masks=True) for seq in ("a", "b", "c")}  # train a,b, val c
+    width = float(np.median([median_cell_width(read_mask(f.mask_path) for f in frames)
+                             for frames in sequences.values()]))
+    # the first model's cells are 10 % wider than the data's: within SCALE_TOLERANCE, so fine-tuning keeps the
+    # frames' own pixels and takes the data's width as the model's
+    out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "scratch", "--num_epochs", 3,
+              "--model_cell_width", f"{1.1 * width:.2f}", *tiny)
+    assert f"model's scale {1.1 * width:.1f} px (sequences rescaled by 1.10..1.10)" in out
     metrics = pd.read_csv(tmp_path / "scratch" / "metrics.csv")
     loss = metrics.dropna(subset=["train_loss"]).set_index("epoch")["train_loss"]
     assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
     checkpoint = tmp_path / "scratch" / "checkpoints" / "last.ckpt"
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 1,
-              "--init_from", checkpoint, *tiny)
-    assert "model's scale" in out
+              "--init_from", checkpoint, "--fixed_orientation", *tiny)
+    assert f"model's scale {width:.1f} px (sequences rescaled by 1.00..1.00)" in out
     tuned = pd.read_csv(tmp_path / "tuned" / "metrics.csv").dropna(subset=["train_loss"])["train_loss"].iloc[0]
     assert tuned < loss[0]  # starts where the first run got to, not from scratch
     run("inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint, "--pred_dir",
