@@ -63,7 +63,7 @@ def random_patch(image: np.ndarray, mask: np.ndarray, patch_size: int, rng: np.r
                  foreground=None, augment: bool = True, scale_range=(0.7, 1.4), foreground_bias: float = 0.8,
                  intensity: bool = True, turn: bool = True):
     """One training sample: (image patch float32 on the 0..255 scale, border-core targets uint8 with IGNORE outside
-    the frame).
+    the frame, the instance labels the targets were made from).
 
     The centre is a random foreground pixel with probability `foreground_bias` (cells are often a small part of a
     real frame; `foreground` is an (N, 2) array of candidate pixels, e.g. from `foreground_pixels`), else anywhere.
@@ -92,7 +92,7 @@ def random_patch(image: np.ndarray, mask: np.ndarray, patch_size: int, rng: np.r
     targets[~inside] = IGNORE
     if augment and intensity:
         patch = random_intensity(patch, rng)
-    return patch, targets
+    return patch, targets, labels
 
 
 def foreground_pixels(mask: np.ndarray, stride: int = 4) -> np.ndarray:

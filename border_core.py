@@ -41,6 +41,18 @@ def border_core_targets(labels: np.ndarray) -> np.ndarray:
     return targets
 
 
+def contact_pixels(labels: np.ndarray, reach: int = 2) -> np.ndarray:
+    """Pixels with two different instances within `reach` px (chessboard distance): where touching cells meet, the
+    pixels that decide whether they come apart. Two rank filters over the whole image, O(pixels)."""
+    labels = np.asarray(labels)
+    size = 2 * reach + 1
+    highest = ndimage.maximum_filter(labels, size=size, mode="nearest")
+    # background counts as above every label, so that the lowest label in reach is a cell's
+    above = int(labels.max()) + 1 if labels.size else 1
+    lowest = ndimage.minimum_filter(np.where(labels > 0, labels.astype(np.int64), above), size=size, mode="nearest")
+    return (highest > 0) & (lowest != highest)
+
+
 def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of the last two axes, source index floor(i * in / out) (OpenCV's INTER_NEAREST and
     torch's 'nearest'). Any dtype, so it serves images and label maps alike."""

@@ -28,7 +28,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, EarlyStopping, EMAWeightAveraging, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.utilities import rank_zero_only
@@ -75,6 +75,10 @@ def parse_args(argv=None):
                         help="patch recipe: no rotations or mirrors in the augmentation, for masks that sit at a fixed "
                              "offset from the cells (e.g. drawn on another channel) or frames whose look has a "
                              "direction; scale, intensity, blur and noise stay")
+    parser.add_argument("--contact_weight", type=float, default=0,
+                        help="patch recipe: extra loss weight of the pixels where touching cells meet (within 2 px "
+                             "of two cells), the ones that decide whether they come apart, as the U-Net paper's "
+                             "weight map does (0: every pixel counts the same)")
     parser.add_argument("--model_cell_width", type=float, default=None,
                         help="patch recipe: rescale the training frames so that cells are this wide (px), the "
                              "model's scale; default: the frames' own scale, or the --init_from model's")
@@ -86,6 +90,10 @@ def parse_args(argv=None):
     parser.add_argument("--min_steps", type=int, default=None,
                         help="early stopping never ends a run before this many optimiser steps")
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--ema_decay", type=float, default=0,
+                        help="keep an exponential moving average of the weights, updated every step (Lightning's "
+                             "EMAWeightAveraging): validation, checkpoints and --export_to use the averaged weights, "
+                             "which jump less between epochs (0: off; 0.98 averages over about 50 steps)")
     parser.add_argument("--accelerator", default="auto", help="auto, gpu, cpu")
     parser.add_argument("--devices", default=None,
                         help="devices (processes) per node; default: --ntasks-per-node under SLURM, else auto")
@@ -239,7 +247,8 @@ def train(args):
     data = CellDataModule(args.root_dir, split(args.train_seqs), split(args.val_seqs), batch_size=args.batch_size,
                           input_size=args.input_size, num_workers=args.num_workers, patch_size=args.patch_size,
                           patches_per_epoch=args.patches_per_epoch, intensity=args.intensity,
-                          augment=not args.no_augment, turn=not args.fixed_orientation)
+                          augment=not args.no_augment, turn=not args.fixed_orientation,
+                          contact_weight=args.contact_weight)
     init = load_model(args.init_from) if args.init_from else None
     cell_width = None
     if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
@@ -279,6 +288,8 @@ def train(args):
     # whose score improved, so a run (or a resume) would end on an older epoch.
     last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     callbacks = [checkpoints, last, EnergyCallback(), EpochLine()]
+    if args.ema_decay:
+        callbacks.append(EMAWeightAveraging(decay=args.ema_decay))
     if args.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_instance_dice", mode="max", min_delta=0.002,
                                        patience=args.early_stopping_patience))

@@ -66,7 +66,12 @@ class UNet(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         images, targets = batch[:2]
-        loss = F.cross_entropy(self(images), targets, ignore_index=IGNORE)
+        if self.hparams.patch_size:  # patches come with the loss's weight per pixel (ScaledFrames)
+            weights = batch[2]
+            pixel_loss = F.cross_entropy(self(images), targets, ignore_index=IGNORE, reduction="none")
+            loss = (pixel_loss * weights).sum() / weights.sum().clamp_min(1e-6)
+        else:
+            loss = F.cross_entropy(self(images), targets, ignore_index=IGNORE)
         # sync_dist: under DDP the epoch's loss is the mean over all processes (reduced once, at the epoch's end)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images),
                  sync_dist=True)

@@ -12,10 +12,10 @@ from scipy import ndimage
 from torch import nn
 
 from augment import IGNORE, median_cell_width, random_patch, resample, sample_grid
-from border_core import instances_from_border_core, resize_nearest, resize_nearest_exact
+from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
 from conftest import ROOT, write_dataset
-from dataset import UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range
-from unet import UNet, sliding_window_logits, tile_starts
+from dataset import ScaledFrames, UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range, write_sequence
+from unet import UNet, load_checkpoint, sliding_window_logits, tile_starts
 
 
 def rods(shape=(120, 150)):
@@ -32,7 +32,7 @@ def rods(shape=(120, 150)):
 def test_augmented_patch_keeps_image_and_targets_aligned(seed):
     mask = rods()
     image = np.where(mask > 0, 200.0, 40.0).astype(np.float32)  # cells bright, background dark
-    patch, targets = random_patch(image, mask, 64, np.random.default_rng(seed), augment=True, intensity=False)
+    patch, targets, _ = random_patch(image, mask, 64, np.random.default_rng(seed), augment=True, intensity=False)
     assert patch.shape == targets.shape == (64, 64)
     # a core pixel lies 4 patch pixels inside its cell (>= 2.8 frame px at the smallest scale): all four bilinear
     # neighbours are inside, so the image there is exactly the cells' grey; background far from cells is exactly dark
@@ -57,7 +57,7 @@ def test_grid_mirrors_turns_and_zooms_about_the_centre():
 def test_plain_patch_is_a_crop_and_outside_is_ignored():
     mask = rods((40, 50))
     image = np.arange(40 * 50, dtype=np.float32).reshape(40, 50)
-    patch, targets = random_patch(image, mask, 64, np.random.default_rng(0), augment=False)
+    patch, targets, _ = random_patch(image, mask, 64, np.random.default_rng(0), augment=False)
     assert (targets == IGNORE).any() and (targets != IGNORE).sum() == 40 * 50  # the frame once, the rest ignored
 
 
@@ -69,13 +69,44 @@ def test_fixed_orientation_only_zooms(seed):
     mask = rods()
     turned = 0
     for turn in (False, True):
-        patch, _ = random_patch(cols, mask, 48, np.random.default_rng(seed), intensity=False, turn=turn)
+        patch, *_ = random_patch(cols, mask, 48, np.random.default_rng(seed), intensity=False, turn=turn)
         kept = (np.diff(patch, axis=1) > 0).all() and np.allclose(np.diff(patch, axis=0), 0, atol=1e-3)
         assert kept or turn
         turned += not kept
-        row_patch, _ = random_patch(rows, mask, 48, np.random.default_rng(seed), intensity=False, turn=False)
+        row_patch, *_ = random_patch(rows, mask, 48, np.random.default_rng(seed), intensity=False, turn=False)
         assert (np.diff(row_patch, axis=0) > 0).all()
     assert turned == 1  # and without the flag the same seed turns it
+
+
+def test_contact_pixels_are_where_two_cells_meet():
+    labels = np.zeros((12, 20), np.int32)
+    labels[2:10, 1:8] = 1
+    labels[2:10, 8:14] = 2  # touches 1 along the column boundary 7 | 8
+    labels[2:10, 17:19] = 3  # 3 px from 2: no contact with reach 2
+    contact = contact_pixels(labels, reach=2)
+    columns = np.nonzero(contact.any(0))[0]
+    # within 2 px of both 1 and 2 (columns 6-9), and the middle of the 3 px gap between 2 and 3 (column 15)
+    assert list(columns) == [6, 7, 8, 9, 15]
+    assert (contact[:, [6, 7, 8, 9, 15]].sum(0) == 12).all()  # rows 0-1 and 10-11: the cells are 2 px away
+
+
+def test_patch_loss_weights_are_the_plain_loss_without_contact_weight(tmp_path):
+    mask = rods((64, 64))
+    mask[20:32, 0:10] = 4  # touches rod 1 end to end
+    image = np.where(mask > 0, 200, 40).astype(np.uint8)
+    write_sequence(str(tmp_path), "a", [(image, mask)])
+    for contact_weight in (0.0, 5.0):
+        frames = ScaledFrames(list_frames(str(tmp_path), "a", True), patch_size=64, patches_per_epoch=1,
+                              augment=False, contact_weight=contact_weight)
+        patch, target, weights = frames[0]
+        assert (weights[target == IGNORE] == 0).all()
+        assert set(torch.unique(weights[target != IGNORE]).tolist()) == ({1.0} if contact_weight == 0 else {1.0, 6.0})
+    model = UNet(widths=(4, 8, 16, 32), patch_size=64)
+    logits = model(patch[None])
+    plain = nn.functional.cross_entropy(logits, target[None], ignore_index=IGNORE)
+    flat = (target != IGNORE).float()[None]
+    model.log = lambda *args, **kwargs: None
+    assert torch.allclose(model.training_step((patch[None], target[None], flat), 0), plain, atol=1e-6)
 
 
 class PixelModel(nn.Module):
@@ -192,8 +223,13 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
     checkpoint = tmp_path / "scratch" / "checkpoints" / "last.ckpt"
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 1,
-              "--init_from", checkpoint, "--fixed_orientation", *tiny)
+              "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, *tiny)
     assert f"model's scale {width:.1f} px (sequences rescaled by 1.00..1.00)" in out
+    # with --ema_decay the checkpoint's weights are the average, the step's own kept beside them for --resume
+    tuned_checkpoint = load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))
+    averaged, current = tuned_checkpoint["state_dict"], tuned_checkpoint["current_model_state"]
+    assert averaged.keys() == current.keys()
+    assert not all(torch.equal(averaged[k], current[k]) for k in averaged)
     tuned = pd.read_csv(tmp_path / "tuned" / "metrics.csv").dropna(subset=["train_loss"])["train_loss"].iloc[0]
     assert tuned < loss[0]  # starts where the first run got to, not from scratch
     run("inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint, "--pred_dir",
