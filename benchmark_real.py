@@ -25,6 +25,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from augment import median_cell_width
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
 from dataset import DataError, list_frames, read_mask, read_tiff_2d, write_sequence
 from eval import evaluate
@@ -90,13 +91,20 @@ def score(root: str, checkpoint: str, pred_dir: str, log_dir: str, extra=()) -> 
             "dice_native": float(evaluate(pred_dir, root, ["c"], native=True)["score"].mean())}
 
 
+def training_cell_width(root: str) -> float:
+    """The cells' width in the training sequence a (px): what a user knows of their own data. A model trained here
+    predicts the test frames with it (`inference.py --cell_width`); a weak model's own estimate of the scale can be
+    far off (it finds fragments), and the test masks are not looked at."""
+    return median_cell_width(read_mask(f.mask_path) for f in list_frames(root, "a", with_masks=True))
+
+
 def train_and_score(root: str, run_dir: str, train_args: list[str]) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     cpu, wall = run_timed([sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
                            "--out_dir", os.path.join(run_dir, "run"), "--progress_bar", "off", *train_args],
                           os.path.join(run_dir, "train.log"))
     result = score(root, os.path.join(run_dir, "run", "checkpoints", "best.ckpt"), os.path.join(run_dir, "pred"),
-                   run_dir)
+                   run_dir, ["--cell_width", f"{training_cell_width(root):.2f}"])
     metrics = pd.read_csv(os.path.join(run_dir, "run", "metrics.csv"))
     result.update(cpu_seconds=cpu, wall_seconds=wall, epochs=int(metrics["epoch"].max() + 1),
                   best_val=float(metrics["val_instance_dice"].max()))

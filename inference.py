@@ -154,19 +154,21 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
 
     cell_width: the cells' width in these frames, in px; patch models rescale the frames by their own cell width over
     it. None: estimated (estimate_scale) when the model records its cell width, else the frames are taken as they are.
+    Given or estimated, a scale within SCALE_TOLERANCE is taken as 1.
     """
     frames = list_frames(root_dir, sequence, with_masks=False)
     scale = 1.0
     if model.hparams.patch_size and model.hparams.cell_width:
         if cell_width is None:
             scale, measured = estimate_scale(model, frames, device)
-            # the model learnt scales 0.7-1.4 (augmentation): resampling for a small mismatch costs more than it buys
-            kept = SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1]
-            print(f"sequence {sequence}: cells about {measured:.1f} px wide (estimated), model's "
-                  f"{model.hparams.cell_width:.1f} px: " + ("frames as they are" if kept else f"scale {scale:.2f}"))
-            scale = 1.0 if kept else scale
+            how = "estimated"
         else:
-            scale = model.hparams.cell_width / cell_width
+            scale, measured, how = model.hparams.cell_width / cell_width, cell_width, "given"
+        # the model learnt scales 0.7-1.4 (augmentation): resampling for a small mismatch costs more than it buys
+        kept = SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1]
+        print(f"sequence {sequence}: cells about {measured:.1f} px wide ({how}), model's "
+              f"{model.hparams.cell_width:.1f} px: " + ("frames as they are" if kept else f"scale {scale:.2f}"))
+        scale = 1.0 if kept else scale
     loader = frames_loader(model, frames, scale, batch_size, num_workers, device)
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
