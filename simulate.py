@@ -27,7 +27,6 @@ Same seed, same bytes. The physics is vectorised over pairs of neighbouring cell
 (each in its bounding box); nothing loops over pixels.
 """
 import argparse
-import os
 import string
 import sys
 import time

@@ -2,7 +2,6 @@
 import os
 
 import numpy as np
-import pytest
 import tifffile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

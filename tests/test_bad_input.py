@@ -472,7 +472,7 @@ def corrupt(root):
 def mask_of_other_size(root):
     path = os.path.join(root, "c_GT", "man_seg0001.tif")
     tifffile.imwrite(path, np.zeros((30, 30), np.uint16))
-    return path, rf"mask size \(30, 30\) differs from image size \(60, 76\) of .*t0001\.tif"
+    return path, r"mask size \(30, 30\) differs from image size \(60, 76\) of .*t0001\.tif"
 
 
 def float_mask(root):

@@ -2,7 +2,6 @@
 weights_only, is the default of inference.py, and segments simulated colonies it never saw above a stated floor."""
 import os
 
-import numpy as np
 import pytest
 import torch
 

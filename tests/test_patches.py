@@ -13,7 +13,7 @@ from torch import nn
 
 from augment import IGNORE, median_cell_width, random_patch, resample, sample_grid
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
-from conftest import ROOT, write_dataset
+from conftest import write_dataset
 from dataset import ScaledFrames, UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range, write_sequence
 from unet import UNet, load_checkpoint, sliding_window_logits, tile_starts
 
