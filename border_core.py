@@ -84,7 +84,7 @@ def instances_at_score_size(instances: np.ndarray, frame_shape, output_size=SCOR
 
 
 def instances_from_border_core(semantic: np.ndarray, small_center_threshold: int = 30,
-                               isolated_border_threshold: int = 15) -> np.ndarray:
+                               isolated_border_threshold: int = 15, min_area_fraction: float = 0) -> np.ndarray:
     """Instance map (uint32, labels 1..N) from a 2-D border-core map (0 background, 1 core, 2 border).
 
     Pixel for pixel the output of acvl-utils 0.2.6 `convert_semantic_to_instanceseg(semantic[None],
@@ -93,6 +93,10 @@ def instances_from_border_core(semantic: np.ndarray, small_center_threshold: int
     in raster order; a 4-connected foreground component without a seed becomes an instance of its own (numbered after
     the seeds) if it has more than `isolated_border_threshold` px; every other border pixel takes the seed nearest to it
     along 4-connected paths inside its component, ties going to the higher seed label. The input is not modified.
+
+    min_area_fraction > 0 (not in the reference; a trained model's choice on its validation frames): instances of at
+    most that fraction of the frame's typical cell area are dropped afterwards, the others renumbered 1..N in their
+    order (drop_small_instances, typical_cell_area).
     """
     semantic = np.asarray(semantic)
     if semantic.ndim != 2:
@@ -145,7 +149,34 @@ def instances_from_border_core(semantic: np.ndarray, small_center_threshold: int
             break
         np.copyto(labels, neighbour_max, where=reached)
         todo &= ~reached
-    return labels.astype(np.uint32)
+    labels = labels.astype(np.uint32)
+    if min_area_fraction > 0:
+        labels = drop_small_instances(labels, min_area_fraction * typical_cell_area(labels))
+    return labels
+
+
+def typical_cell_area(instances: np.ndarray) -> float:
+    """The area of the instance that holds the median foreground pixel (the area-weighted median): the size of the
+    frame's cells, which many small fragments do not pull down as they would a plain median. 0 without instances."""
+    sizes = np.bincount(instances.ravel())[1:]
+    sizes = np.sort(sizes[sizes > 0])
+    if sizes.size == 0:
+        return 0.0
+    cumulative = np.cumsum(sizes)
+    return float(sizes[np.searchsorted(cumulative, cumulative[-1] / 2)])
+
+
+def drop_small_instances(instances: np.ndarray, min_area: float) -> np.ndarray:
+    """Instances of at most min_area px set to background, the others renumbered 1..N keeping their order: the
+    debris and fragments that a model trained on few frames finds between the cells. min_area <= 0: unchanged."""
+    if min_area <= 0 or instances.size == 0:
+        return instances
+    sizes = np.bincount(instances.ravel())
+    keep = sizes > min_area
+    keep[0] = False
+    renumber = np.zeros(len(sizes), instances.dtype)
+    renumber[keep] = np.arange(1, keep.sum() + 1)
+    return renumber[instances]
 
 
 def instances_at_size(semantic: np.ndarray, output_size=SCORE_SIZE, small_center_threshold: int = 30,

@@ -572,9 +572,10 @@ class ScaledFrames(Dataset):
 
 class UnlabelledFrames(Dataset):
     """Frames for prediction, read lazily (in the loader's workers). Item: (image 1 x H x W float, index): resized to
-    input_size x input_size (faithful view) or, with `scale`, at the model's scale (patch view)."""
+    input_size x input_size (faithful view) or, with `scale` (one for all frames, or a list with one per frame), at
+    the model's scale (patch view)."""
 
-    def __init__(self, frames: list[Frame], input_size: int = 512, scale: float | None = None,
+    def __init__(self, frames: list[Frame], input_size: int = 512, scale: float | list[float] | None = None,
                  intensity: str = "baseline"):
         if not frames:
             raise DataError("no frames given")
@@ -587,7 +588,8 @@ class UnlabelledFrames(Dataset):
         if self.scale is None:
             image, _ = load_image(self.frames[index], self.input_size, self.intensity)
         else:
-            image, _ = load_scaled(self.frames[index], self.scale, self.intensity)
+            scale = self.scale[index] if isinstance(self.scale, (list, tuple)) else self.scale
+            image, _ = load_scaled(self.frames[index], scale, self.intensity)
         return normalise(torch.from_numpy(image)[None]), index
 
 

@@ -25,7 +25,7 @@ from border_core import (SCORE_SIZE, instances_at_score_size, instances_from_bor
 from dataset import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, UnlabelledFrames, default_sequences,
                      error_line, frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
 from energy import EnergyMeter
-from unet import SCALE_TOLERANCE, UNet, load_model, sliding_window_logits
+from unet import SCALE_TOLERANCE, UNet, load_model, postprocess_thresholds, sliding_window_logits
 
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "bacteria_generalist.pt")
@@ -73,7 +73,7 @@ class Postprocess:
 
     def __init__(self, model: UNet, frames=None, out_folder: str | None = None, output_size=SCORE_SIZE,
                  native: bool = False):
-        self.thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
+        self.thresholds = postprocess_thresholds(model)
         self.frames, self.out_folder, self.output_size, self.native = frames, out_folder, output_size, native
         # a patch model's instances go back to the frame's own size before the challenge's 256 x 256 rule (as its
         # ground truth at 256 is made); the faithful recipe resizes its 512 x 512 map straight to 256, as SPEC §5
@@ -139,8 +139,8 @@ def estimate_scale(model: UNet, frames, device: torch.device, probes: int = 3, r
     for _ in range(rounds):
         loader = frames_loader(model, picks, scale, 1, 0, device)
         maps = [semantic for _, batch in border_core_maps(model, loader, device) for semantic in batch]
-        thresholds = (model.hparams.small_center_threshold, model.hparams.isolated_border_threshold)
-        width_at_scale = median_cell_width([instances_from_border_core(m, *thresholds) for m in maps])
+        width_at_scale = median_cell_width([instances_from_border_core(m, *postprocess_thresholds(model))
+                                            for m in maps])
         if not np.isfinite(width_at_scale) or width_at_scale <= 0:
             break  # nothing found: keep the scale we have
         measured = width_at_scale / scale
@@ -148,17 +148,34 @@ def estimate_scale(model: UNet, frames, device: torch.device, probes: int = 3, r
     return scale, measured
 
 
+def frame_scales(model: UNet, frames, device: torch.device) -> tuple[list[float], list[float]]:
+    """([scale of each frame], [cells' measured width in each frame, px]): estimate_scale with every frame as its
+    own probe, for collections of unrelated images; a scale within SCALE_TOLERANCE is taken as 1."""
+    scales, widths = [], []
+    for frame in frames:
+        scale, measured = estimate_scale(model, [frame], device)
+        scales.append(1.0 if SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1] else scale)
+        widths.append(measured)
+    return scales, widths
+
+
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
-                     device: torch.device, pool=None, cell_width: float | None = None, native: bool = False) -> int:
+                     device: torch.device, pool=None, cell_width: float | None = None, native: bool = False,
+                     scale_each_frame: bool = False) -> int:
     """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames.
 
     cell_width: the cells' width in these frames, in px; patch models rescale the frames by their own cell width over
-    it. None: estimated (estimate_scale) when the model records its cell width, else the frames are taken as they are.
+    it. None: estimated (estimate_scale) when the model records its cell width, once for the sequence or, with
+    scale_each_frame, for every frame (a collection of unrelated images); else the frames are taken as they are.
     Given or estimated, a scale within SCALE_TOLERANCE is taken as 1.
     """
     frames = list_frames(root_dir, sequence, with_masks=False)
     scale = 1.0
-    if model.hparams.patch_size and model.hparams.cell_width:
+    if model.hparams.patch_size and model.hparams.cell_width and cell_width is None and scale_each_frame:
+        scale, widths = frame_scales(model, frames, device)
+        print(f"sequence {sequence}: cells {np.nanmin(widths):.1f}..{np.nanmax(widths):.1f} px wide (estimated per "
+              f"frame), model's {model.hparams.cell_width:.1f} px: scales {min(scale):.2f}..{max(scale):.2f}")
+    elif model.hparams.patch_size and model.hparams.cell_width:
         if cell_width is None:
             scale, measured = estimate_scale(model, frames, device)
             how = "estimated"
@@ -220,12 +237,18 @@ def main(argv=None):
     parser.add_argument("--cell_width", type=float, default=None,
                         help="width of the cells in your frames, px (patch models rescale to their own scale); "
                              "default: estimated from a first prediction")
+    parser.add_argument("--scale_each_frame", action="store_true",
+                        help="without --cell_width: estimate the cells' width in every frame, not once per sequence "
+                             "(a collection of unrelated images, e.g. at several magnifications); 3 predictions "
+                             "per frame instead of 1")
     parser.add_argument("--native", action="store_true",
                         help="also write the instance maps at each frame's own size: <seq>/mask<frame>.tif")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the old predictions in pred_dir/<seq> first (without it such a folder is refused "
                              "if it holds predictions of frames this run does not predict)")
     args = parser.parse_args(argv)
+    if args.scale_each_frame and args.cell_width:
+        parser.error("--scale_each_frame estimates the cells' width: it cannot be given with --cell_width")
 
     if not os.path.isfile(args.from_checkpoint):
         sys.exit(f"error: {args.from_checkpoint}: checkpoint not found")
@@ -248,7 +271,8 @@ def main(argv=None):
     try:
         for sequence in sequences:
             count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
-                                     args.num_workers, device, pool, args.cell_width, args.native)
+                                     args.num_workers, device, pool, args.cell_width, args.native,
+                                     args.scale_each_frame)
             total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
     except (DataError, OSError) as error:  # also from a pool process (disk full), raised again here

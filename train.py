@@ -36,16 +36,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from augment import median_cell_width
 from dataset import CellDataModule, DataError, error_line, read_mask
 from energy import EnergyCallback
-from unet import SCALE_TOLERANCE, UNet, export_weights, load_checkpoint, load_model
+from unet import (SCALE_TOLERANCE, UNet, choose_min_area_fraction, export_weights, load_checkpoint, load_model,
+                  record_hparams)
 
 
 # The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
 # microscopy (README: measured figures): the frames' own scale, patches, augmentation, a minimum of steps.
 RECIPES = {
     "faithful": dict(num_epochs=100, batch_size=16, input_size=512, patch_size=0, patches_per_epoch=0, tile_size=512,
-                     intensity="baseline", min_steps=0),
+                     intensity="baseline", min_steps=0, min_area_fraction="0"),
     "patches": dict(num_epochs=15, batch_size=8, input_size=512, patch_size=128, patches_per_epoch=128,
-                    tile_size=512, intensity="percentile", min_steps=200),
+                    tile_size=512, intensity="percentile", min_steps=200, min_area_fraction="auto"),
 }
 
 
@@ -82,6 +83,11 @@ def parse_args(argv=None):
     parser.add_argument("--model_cell_width", type=float, default=None,
                         help="patch recipe: rescale the training frames so that cells are this wide (px), the "
                              "model's scale; default: the frames' own scale, or the --init_from model's")
+    parser.add_argument("--min_area_fraction", default=None,
+                        help="postprocessing: instances of at most this fraction of the frame's typical cell area "
+                             "(the area-weighted median) are dropped; 'auto' (patch recipe): chosen after training "
+                             "on the validation frames among 0 and 1/32 .. 1/2, recorded in best.ckpt (faithful "
+                             "recipe: 0)")
     parser.add_argument("--init_from", default=None,
                         help="start from this checkpoint's weights (fine-tuning), e.g. the bundled model")
     parser.add_argument("--export_to", default=None,
@@ -114,6 +120,13 @@ def parse_args(argv=None):
     for name, value in RECIPES[args.recipe].items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.min_area_fraction != "auto":
+        try:
+            args.min_area_fraction = float(args.min_area_fraction)
+        except ValueError:
+            parser.error(f"--min_area_fraction: 'auto' or a number, got {args.min_area_fraction!r}")
+    elif not args.patch_size:
+        parser.error("--min_area_fraction auto needs the patch recipe (whole validation frames at the model's scale)")
     for name in ("input_size", "patch_size", "tile_size"):
         if getattr(args, name) % 8:
             parser.error(f"--{name} must be a multiple of 8 (three 2x2 poolings), got {getattr(args, name)}")
@@ -273,7 +286,8 @@ def train(args):
     kept = {k: init.hparams[k] for k in ("widths", "small_center_threshold", "isolated_border_threshold")} if init \
         else {}
     model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size, patch_size=args.patch_size,
-                 tile_size=args.tile_size, cell_width=cell_width, intensity=args.intensity, **kept)
+                 tile_size=args.tile_size, cell_width=cell_width, intensity=args.intensity,
+                 min_area_fraction=0 if args.min_area_fraction == "auto" else args.min_area_fraction, **kept)
     if init is not None:
         model.load_state_dict(init.state_dict())
 
@@ -326,6 +340,12 @@ def train(args):
         sys.exit(128 + signal.SIGTERM)
     if trainer.is_global_zero:
         print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
+        if args.min_area_fraction == "auto" and checkpoints.best_model_path:
+            best = load_model(checkpoints.best_model_path, "cuda" if cuda else "cpu")
+            fraction, scores = choose_min_area_fraction(best, data.val_set)
+            record_hparams(checkpoints.best_model_path, min_area_fraction=fraction)
+            print("min_area_fraction chosen on the validation frames (val instance dice: " +
+                  ", ".join(f"{f:g} {v:.4f}" for f, v in scores.items()) + f"): {fraction:g}, in best.ckpt")
         if args.export_to:
             export_weights(checkpoints.best_model_path, args.export_to)
             print(f"wrote {args.export_to} ({os.path.getsize(args.export_to) / 2 ** 20:.1f} MiB)")

@@ -11,7 +11,8 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from augment import IGNORE
-from border_core import instances_at_score_size, instances_from_border_core
+from border_core import (drop_small_instances, instances_at_score_size, instances_from_border_core,
+                         typical_cell_area)
 from dataset import DataError, atomic_write
 from metrics import instance_dice
 
@@ -35,13 +36,14 @@ class UNet(L.LightningModule):
     patch_size 0 (the faithful recipe): frames resized to input_size x input_size. patch_size > 0 (the patch recipe):
     frames at the model's scale, where cells are `cell_width` px wide, predicted whole in tiles of tile_size;
     `intensity` names the normalisation rule (dataset.to_uint8_range). The postprocessing thresholds are in the
-    model's pixels.
+    model's pixels; `min_area_fraction` (0: none, as the baseline) is chosen on the validation frames after training
+    (train.py --min_area_fraction).
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, widths=(32, 64, 128, 256), lr: float = 1e-3,
                  num_epochs: int = 100, input_size: int = 512, small_center_threshold: int = 30,
                  isolated_border_threshold: int = 15, patch_size: int = 0, tile_size: int = 512,
-                 cell_width: float | None = None, intensity: str = "baseline"):
+                 cell_width: float | None = None, intensity: str = "baseline", min_area_fraction: float = 0):
         super().__init__()
         self.save_hyperparameters()
         widths = list(widths)
@@ -99,13 +101,47 @@ class UNet(L.LightningModule):
         self.log("val_frames", self.val_frames, on_epoch=True)
 
     def instances(self, semantic: np.ndarray) -> np.ndarray:
-        return instances_from_border_core(semantic, self.hparams.small_center_threshold,
-                                          self.hparams.isolated_border_threshold)
+        return instances_from_border_core(semantic, *postprocess_thresholds(self))
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=self.hparams.num_epochs)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+# Candidates of choose_min_area_fraction: instances up to this fraction of the frame's typical cell area
+# (border_core.typical_cell_area) are dropped. A fraction, not an area in px, so that the choice holds for frames
+# whose cells are smaller or larger than the validation frames' (heterogeneous collections, a wrong scale).
+MIN_AREA_FRACTIONS = (0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+
+
+@torch.inference_mode()
+def choose_min_area_fraction(model: UNet, val_set, tolerance: float = 0.002) -> tuple[float, dict]:
+    """(min_area_fraction, {candidate: mean val Instance Dice}) for a patch model: its validation frames predicted
+    once, as validation_step does, then scored with each candidate of MIN_AREA_FRACTIONS. The smallest candidate
+    within `tolerance` of the best wins, so a filter is kept only where it measurably helps. A post-training choice
+    on validation data, in the spirit of StarDist's optimize_thresholds."""
+    model.eval()
+    device = next(model.parameters()).device
+    scores = {fraction: [] for fraction in MIN_AREA_FRACTIONS}
+    for image, _, gt, shape in val_set:
+        semantic = sliding_window_logits(model, image.to(device), model.hparams.tile_size).argmax(0).cpu().numpy()
+        instances = instances_from_border_core(semantic, model.hparams.small_center_threshold,
+                                               model.hparams.isolated_border_threshold)
+        typical = typical_cell_area(instances)
+        for fraction in MIN_AREA_FRACTIONS:
+            kept = drop_small_instances(instances, fraction * typical)
+            scores[fraction].append(instance_dice(gt.numpy(), instances_at_score_size(kept, tuple(shape.tolist()),
+                                                                                      tuple(gt.shape))))
+    means = {fraction: float(np.mean(values)) if values else float("nan") for fraction, values in scores.items()}
+    best = max(means.values(), default=float("nan"))
+    chosen = next((fraction for fraction in MIN_AREA_FRACTIONS if means[fraction] >= best - tolerance), 0)
+    return float(chosen), means
+
+
+def postprocess_thresholds(model: UNet) -> tuple:
+    """The arguments of instances_from_border_core after the semantic map, as the model records them."""
+    return model.hparams.small_center_threshold, model.hparams.isolated_border_threshold, model.hparams.min_area_fraction
 
 
 # ------------------------------------------------------------------------------------------------------------ checkpoints
@@ -192,6 +228,14 @@ def export_weights(checkpoint_path: str, out_path: str):
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(checkpoint["hyper_parameters"]).items()}
     atomic_write(out_path, lambda tmp: torch.save({"hyper_parameters": hparams, "state_dict": weights}, tmp), ".pt.tmp")
+
+
+def record_hparams(checkpoint_path: str, **values):
+    """Set hyperparameters of a checkpoint in place (atomically): what was chosen after training, such as
+    min_area_fraction, travels with the weights to inference and to --export_to."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint["hyper_parameters"].update(values)
+    atomic_write(checkpoint_path, lambda tmp: torch.save(checkpoint, tmp), ".ckpt.tmp")
 
 
 # ------------------------------------------------------------------------------------------------------ tiled prediction

@@ -9,12 +9,14 @@ import pytest
 import tifffile
 import torch
 from scipy import ndimage
+import torch.nn.functional as F
 from torch import nn
 
 from augment import IGNORE, median_cell_width, random_patch, resample, sample_grid
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
 from conftest import write_dataset
 from dataset import ScaledFrames, UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range, write_sequence
+from metrics import instance_dice
 from unet import UNet, load_checkpoint, sliding_window_logits, tile_starts
 
 
@@ -218,6 +220,11 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "scratch", "--num_epochs", 3,
               "--model_cell_width", f"{1.1 * width:.2f}", *tiny)
     assert f"model's scale {1.1 * width:.1f} px (sequences rescaled by 1.10..1.10)" in out
+    # the patch recipe chooses its size filter on the validation frames and records it in best.ckpt
+    chosen = [line for line in out.splitlines() if line.startswith("min_area_fraction chosen")]
+    assert len(chosen) == 1
+    recorded = load_checkpoint(str(tmp_path / "scratch" / "checkpoints" / "best.ckpt"))["hyper_parameters"]
+    assert chosen[0].endswith(f": {recorded['min_area_fraction']:g}, in best.ckpt")
     metrics = pd.read_csv(tmp_path / "scratch" / "metrics.csv")
     loss = metrics.dropna(subset=["train_loss"]).set_index("epoch")["train_loss"]
     assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
@@ -254,3 +261,38 @@ def test_windowed_resampling_equals_resampling_the_whole_frame(seed):
     whole = ndimage.map_coordinates(image.astype(np.float32), [rows, cols], order=1, mode="mirror")
     np.testing.assert_allclose(patch, whole, rtol=0, atol=1e-6)
     assert (labels[~inside] == 0).all() and (~inside).any()
+
+
+class ThresholdModel(UNet):
+    """A 'model' that segments bright cells on a dark background at any scale: foreground by threshold, its pixels
+    within 2 px of the background as border. What estimate_scale needs to measure widths, without training."""
+
+    def __init__(self):
+        super().__init__(patch_size=64, tile_size=512, cell_width=10.0, intensity="percentile")
+
+    def forward(self, x):
+        foreground = (x > (x.amax((2, 3), keepdim=True) + x.amin((2, 3), keepdim=True)) / 2).float()
+        core = -F.max_pool2d(-foreground, 5, stride=1, padding=2)  # erosion by 2 px
+        return torch.cat([1 - foreground, core, foreground - core], 1) * 10
+
+
+def test_scale_each_frame_rescales_every_frame_to_the_model(tmp_path):
+    from inference import frame_scales, predict_sequence
+
+    small = rods((160, 200))  # cells 12 px wide
+    large = np.kron(small[:80, :100], np.ones((2, 2), small.dtype))  # the same cells twice as wide, same frame size
+    masks = [small, large]
+    images = [np.where(mask > 0, 200, 40).astype(np.uint8) for mask in masks]
+    root = str(tmp_path / "data")
+    write_sequence(root, "a", list(zip(images, masks)))
+    frames = list_frames(root, "a", with_masks=True)
+    model = ThresholdModel()
+    scales, widths = frame_scales(model, frames, torch.device("cpu"))
+    assert widths == pytest.approx([median_cell_width([small]), median_cell_width([large])], abs=1.5)
+    assert scales[0] == 1.0  # 12 px against the model's 10: within SCALE_TOLERANCE, taken as it is
+    assert scales[1] == pytest.approx(10 / median_cell_width([large]), rel=0.1)
+    predict_sequence(model, root, "a", str(tmp_path / "pred"), 1, 0, torch.device("cpu"), native=True,
+                     scale_each_frame=True)
+    for t, mask in enumerate(masks):
+        predicted = tifffile.imread(tmp_path / "pred" / "a" / f"mask{t:04d}.tif")
+        assert instance_dice(mask, predicted) > 0.9
