@@ -12,8 +12,9 @@ Data (read from ../shared/real, never copied into the repository; written as seq
 Rows per dataset: the method's ceiling (ground truth -> border-core targets -> postprocessing), the faithful recipe
 (SPEC §4), the patch recipe from scratch, and, where a checkpoint is given (--generalist), that model zero-shot and
 fine-tuned. Instance Dice on the test frames at 256 x 256 (the challenge's) and at the frames' own size; the CPU-seconds
-of each training (user + system of the training process and its children, from os.wait4) and its wall time. Writes
-the table as CSV and JSON into --out_dir.
+of each training (user + system of the training process and its children, from os.wait4) and its wall time, and the
+size filter its best.ckpt chose on the validation frames (min_area_fraction). Writes the table as CSV and JSON into
+--out_dir.
 """
 import argparse
 import json
@@ -30,6 +31,7 @@ from border_core import border_core_targets, instances_from_border_core, resize_
 from dataset import DataError, list_frames, read_mask, read_tiff_2d, write_sequence
 from eval import evaluate
 from metrics import instance_dice
+from unet import load_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
@@ -103,11 +105,13 @@ def train_and_score(root: str, run_dir: str, train_args: list[str]) -> dict:
     cpu, wall = run_timed([sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
                            "--out_dir", os.path.join(run_dir, "run"), "--progress_bar", "off", *train_args],
                           os.path.join(run_dir, "train.log"))
-    result = score(root, os.path.join(run_dir, "run", "checkpoints", "best.ckpt"), os.path.join(run_dir, "pred"),
-                   run_dir, ["--cell_width", f"{training_cell_width(root):.2f}"])
+    best = os.path.join(run_dir, "run", "checkpoints", "best.ckpt")
+    result = score(root, best, os.path.join(run_dir, "pred"), run_dir,
+                   ["--cell_width", f"{training_cell_width(root):.2f}"])
     metrics = pd.read_csv(os.path.join(run_dir, "run", "metrics.csv"))
     result.update(cpu_seconds=cpu, wall_seconds=wall, epochs=int(metrics["epoch"].max() + 1),
-                  best_val=float(metrics["val_instance_dice"].max()))
+                  best_val=float(metrics["val_instance_dice"].max()),
+                  min_area_fraction=float(load_checkpoint(best)["hyper_parameters"].get("min_area_fraction", 0)))
     return result
 
 
