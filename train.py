@@ -112,6 +112,10 @@ def parse_args(argv=None):
     parser.add_argument("--out_dir", default="runs/default", help="run folder: metrics, checkpoints")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out_dir from its newest checkpoint (automatic in a requeued job)")
+    parser.add_argument("--max_time", default=None,
+                        help="stop training after this wall time, DD:HH:MM:SS (Lightning's max_time), e.g. to end "
+                             "inside a job's time slot; the checkpoints and the size filter's choice are made as after "
+                             "a full run (the learning-rate schedule is still set by --num_epochs)")
     parser.add_argument("--early_stopping_patience", type=int, default=0,
                         help="stop when val_instance_dice has not improved for this many epochs (0: never)")
     parser.add_argument("--progress_bar", default="auto", choices=["auto", "on", "off"],
@@ -134,21 +138,35 @@ def parse_args(argv=None):
 
 
 class EpochLine(Callback):
-    """One line per epoch on the console: what a newcomer looks at while a run trains."""
+    """One line per epoch on the console: what a newcomer looks at while a run trains. It also logs
+    train_images_per_second: images (patches or frames) of the epoch's training part over its wall time, validation
+    left out, summed over the processes under DDP; the GPU figure of the README."""
 
     def on_fit_start(self, trainer, pl_module):
-        self.start = time.perf_counter()  # a run resumed in the middle of an epoch starts no epoch before its end
+        self.start = self.train_end = None  # a run resumed in the middle of an epoch starts no epoch before its end
+        self.images = 0
 
     def on_train_epoch_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
+        self.start, self.train_end, self.images = time.perf_counter(), None, 0
 
-    @rank_zero_only
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.images += len(batch[0])
+
+    def on_validation_epoch_start(self, trainer, pl_module):
+        if not trainer.sanity_checking and self.train_end is None:
+            self.train_end = time.perf_counter()
+
     def on_train_epoch_end(self, trainer, pl_module):  # after the epoch's validation
-        metrics = trainer.callback_metrics
-        values = "  ".join(f"{name} {float(metrics[name]):.4f}" for name in
-                           ("train_loss", "val_loss", "val_instance_dice") if name in metrics)
-        print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {values}  "
-              f"{time.perf_counter() - self.start:.1f} s", flush=True)
+        now = time.perf_counter()
+        train_seconds = (self.train_end or now) - (self.start or now)
+        rate = self.images / train_seconds if self.start and train_seconds > 0 else 0.0
+        pl_module.log("train_images_per_second", rate, on_step=False, on_epoch=True, sync_dist=True, reduce_fx="sum")
+        if trainer.is_global_zero:
+            metrics = trainer.callback_metrics
+            values = "  ".join(f"{name} {float(metrics[name]):.4f}" for name in
+                               ("train_loss", "val_loss", "val_instance_dice") if name in metrics)
+            took = f"{now - self.start:.1f} s ({rate:.0f} images/s in training)" if self.start else ""
+            print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {values}  {took}", flush=True)
 
 
 class RequeueOnSignal(Callback):
@@ -319,8 +337,8 @@ def train(args):
     # folder, never the folder the job was submitted from
     progress_bar = args.progress_bar == "on" or (args.progress_bar == "auto" and sys.stderr.isatty())
     trainer = L.Trainer(
-        max_epochs=args.num_epochs, min_steps=args.min_steps or None, accelerator=args.accelerator, devices=devices,
-        num_nodes=num_nodes,
+        max_epochs=args.num_epochs, min_steps=args.min_steps or None, max_time=args.max_time,
+        accelerator=args.accelerator, devices=devices, num_nodes=num_nodes,
         precision=precision, plugins=plugins, default_root_dir=args.out_dir, logger=logger, callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=progress_bar, deterministic=False,
     )

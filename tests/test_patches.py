@@ -228,9 +228,16 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     metrics = pd.read_csv(tmp_path / "scratch" / "metrics.csv")
     loss = metrics.dropna(subset=["train_loss"]).set_index("epoch")["train_loss"]
     assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
+    # the training part's throughput: 32 patches in less than the whole epoch (validation included)
+    epochs = metrics.dropna(subset=["train_loss"])
+    assert (epochs["train_images_per_second"] >= 32 / epochs["epoch_seconds"]).all()
+    assert out.count("images/s in training)") == 3
     checkpoint = tmp_path / "scratch" / "checkpoints" / "last.ckpt"
-    out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 1,
-              "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, *tiny)
+    # --max_time ends a run long before its 500 epochs, with its checkpoints
+    out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 500, "--max_time",
+              "00:00:00:03", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, *tiny)
+    assert (tmp_path / "tuned" / "checkpoints" / "best.ckpt").is_file()
+    assert 1 <= load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["epoch"] < 100
     assert f"model's scale {width:.1f} px (sequences rescaled by 1.00..1.00)" in out
     # with --ema_decay the checkpoint's weights are the average, the step's own kept beside them for --resume
     tuned_checkpoint = load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))
