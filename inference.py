@@ -171,11 +171,12 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
     """
     frames = list_frames(root_dir, sequence, with_masks=False)
     scale = 1.0
-    if model.hparams.patch_size and model.hparams.cell_width and cell_width is None and scale_each_frame:
+    knows_its_scale = bool(model.hparams.patch_size and model.hparams.cell_width)
+    if knows_its_scale and cell_width is None and scale_each_frame:
         scale, widths = frame_scales(model, frames, device)
         print(f"sequence {sequence}: cells {np.nanmin(widths):.1f}..{np.nanmax(widths):.1f} px wide (estimated per "
               f"frame), model's {model.hparams.cell_width:.1f} px: scales {min(scale):.2f}..{max(scale):.2f}")
-    elif model.hparams.patch_size and model.hparams.cell_width:
+    elif knows_its_scale:
         if cell_width is None:
             scale, measured = estimate_scale(model, frames, device)
             how = "estimated"
