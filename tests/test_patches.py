@@ -205,6 +205,15 @@ def test_rescaled_mask_stays_on_its_image(scale):
     assert np.abs((centroids(back) - centroids(mask)).mean(0)).max() < 0.15
 
 
+def test_fine_tuning_takes_a_tenth_of_the_learning_rate_unless_told():
+    import train
+
+    assert train.parse_args(["--root_dir", "data"]).lr == 1e-3
+    assert train.parse_args(["--root_dir", "data", "--init_from", "model.pt"]).lr == 1e-4
+    assert train.parse_args(["--root_dir", "data", "--init_from", "model.pt", "--lr", "3e-4"]).lr == 3e-4
+    assert train.parse_args(["--root_dir", "data", "--recipe", "faithful"]).lr == 1e-3
+
+
 @pytest.mark.slow
 def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     from test_pipeline import run
