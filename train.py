@@ -170,7 +170,7 @@ class EpochLine(Callback):
             metrics = trainer.callback_metrics
             values = "  ".join(f"{name} {float(metrics[name]):.4f}" for name in
                                ("train_loss", "val_loss", "val_instance_dice") if name in metrics)
-            took = f"{now - self.start:.1f} s ({rate:.0f} images/s in training)" if self.start else ""
+            took = f"{now - self.start:.1f} s ({rate:.3g} images/s in training)" if self.start else ""
             print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {values}  {took}", flush=True)
 
 
