@@ -7,7 +7,9 @@
 Data (read from ../shared/real, never copied into the repository; written as sequences under --out_dir/data):
 - trpL: the E. coli time-lapse, 20 frames of 727 x 1026 uint16 at their own size: frames 0-11 train (a), 12-14
   select the best checkpoint (b), 15-19 are the test frames (c).
-- usiigaci: phase-contrast mammalian cells, 1022 x 1024: a's frames 0-17 train, 18-21 select, b's 23 frames test.
+- usiigaci: phase-contrast mammalian cells, 1022 x 1024: a's frames 0-17 and b's even frames train (30), a's 18-21
+  select, b's 11 odd frames are the test (SPLITS says why); usiigaci_by_sequence: the first split, a's frames 0-17
+  train, 18-21 select, b's 23 frames test.
 
 Rows per dataset: the method's ceiling (ground truth -> border-core targets -> postprocessing), the faithful recipe
 (SPEC §4), the patch recipe from scratch, and, where a checkpoint is given (--generalist), that model zero-shot and
@@ -36,10 +38,16 @@ from unet import load_checkpoint
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
 
-# name -> (train, select, test) sequences: (sequence name, source, frame range)
+# name -> train (a), select (b) and test (c) sequences, each made of pieces: (source, frame range).
+# Usiigaci's frames are unrelated fields of view of two kinds: large cells (median area 2,700-4,300 px: a's frames
+# 0-11, 16, 17, 20, 21 and b's 0-6) and small, crowded ones (1,000-1,600 px: a's 12-15, 18, 19 and b's 7-22). Split by
+# sequence ("usiigaci_by_sequence", the first benchmark's split), training holds 4 crowded frames and the test 16;
+# "usiigaci" interleaves b, so training and test frames come from the same mix, and b's odd frames stay unseen.
 SPLITS = {
-    "trpL": {"a": ("trpL", slice(0, 12)), "b": ("trpL", slice(12, 15)), "c": ("trpL", slice(15, 20))},
-    "usiigaci": {"a": ("a", slice(0, 18)), "b": ("a", slice(18, 22)), "c": ("b", slice(0, None))},
+    "trpL": {"a": [("trpL", slice(0, 12))], "b": [("trpL", slice(12, 15))], "c": [("trpL", slice(15, 20))]},
+    "usiigaci": {"a": [("a", slice(0, 18)), ("b", slice(0, None, 2))], "b": [("a", slice(18, 22))],
+                 "c": [("b", slice(1, None, 2))]},
+    "usiigaci_by_sequence": {"a": [("a", slice(0, 18))], "b": [("a", slice(18, 22))], "c": [("b", slice(0, None))]},
 }
 
 
@@ -50,15 +58,16 @@ def source_frames(real_dir: str, dataset: str, source: str, frames: slice):
         images = tifffile.imread(os.path.join(real_dir, "trpL", "trpL_150310-11_img.tif"))[frames]
         masks = tifffile.imread(os.path.join(real_dir, "trpL", "trpL_150310-11_mask.tif"))[frames]
         return list(zip(images, masks))
-    root = os.path.join(real_dir, dataset)
+    root = os.path.join(real_dir, dataset.split("_")[0])
     return [(read_tiff_2d(f.image_path), read_mask(f.mask_path)) for f in list_frames(root, source, True)[frames]]
 
 
 def prepare(real_dir: str, dataset: str, data_root: str) -> str:
     root = os.path.join(data_root, dataset)
-    for sequence, (source, frames) in SPLITS[dataset].items():
+    for sequence, pieces in SPLITS[dataset].items():
         if not os.path.isdir(os.path.join(root, sequence)):
-            write_sequence(root, sequence, source_frames(real_dir, dataset, source, frames))
+            write_sequence(root, sequence, [pair for source, frames in pieces
+                                            for pair in source_frames(real_dir, dataset, source, frames)])
     return root
 
 

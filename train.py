@@ -36,8 +36,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from augment import median_cell_width
 from dataset import CellDataModule, DataError, error_line, read_mask
 from energy import EnergyCallback
-from unet import (SCALE_TOLERANCE, UNet, choose_min_area_fraction, export_weights, load_checkpoint, load_model,
-                  record_hparams)
+from unet import (DEFAULT_WIDTHS, SCALE_TOLERANCE, UNet, choose_min_area_fraction, export_weights, load_checkpoint,
+                  load_model, record_hparams)
 
 
 # The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
@@ -88,6 +88,10 @@ def parse_args(argv=None):
                              "(the area-weighted median) are dropped; 'auto' (patch recipe): chosen after training "
                              "on the validation frames among 0 and 1/32 .. 1/2, recorded in best.ckpt (faithful "
                              "recipe: 0)")
+    parser.add_argument("--widths", default=None,
+                        help="channels of the U-Net's levels, e.g. 32,64,128,256,512 (one level more: twice the "
+                             "field of view, for large cells); default 32,64,128,256, the baseline's, or the "
+                             "--init_from model's (which cannot be changed)")
     parser.add_argument("--init_from", default=None,
                         help="start from this checkpoint's weights (fine-tuning), e.g. the bundled model")
     parser.add_argument("--export_to", default=None,
@@ -138,9 +142,16 @@ def parse_args(argv=None):
             parser.error(f"--min_area_fraction: 'auto' or a number, got {args.min_area_fraction!r}")
     elif not args.patch_size:
         parser.error("--min_area_fraction auto needs the patch recipe (whole validation frames at the model's scale)")
+    try:
+        args.widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else None
+        assert args.widths is None or (len(args.widths) >= 2 and min(args.widths) > 0)
+    except (ValueError, AssertionError):
+        parser.error(f"--widths: two or more positive integers separated by commas, got {args.widths!r}")
+    multiple = 2 ** (len(args.widths or DEFAULT_WIDTHS) - 1)
     for name in ("input_size", "patch_size", "tile_size"):
-        if getattr(args, name) % 8:
-            parser.error(f"--{name} must be a multiple of 8 (three 2x2 poolings), got {getattr(args, name)}")
+        if getattr(args, name) % multiple:
+            parser.error(f"--{name} must be a multiple of {multiple} (one 2x2 pooling per level below the first), "
+                         f"got {getattr(args, name)}")
     return args
 
 
@@ -203,6 +214,20 @@ class RequeueOnSignal(Callback):
             # SLURM then ends this start (SIGTERM); the job starts again with SLURM_RESTART_COUNT > 0
             if subprocess.run(["scontrol", "requeue", job]).returncode:
                 print(f"warning: scontrol requeue {job} failed; continue later with --resume", flush=True)
+
+
+def sequence_scales(widths: dict, target: float | None, validation_only=()) -> dict:
+    """Each sequence's rescaling factor, from its cells' width (px): with a target width, a sequence is brought to it
+    (simulated sequences differ; one movie's frames share theirs); without one, frames keep their own scale.
+    Validation sequences are seen as inference will see frames of their width: a factor within SCALE_TOLERANCE is
+    taken as 1 (inference.predict_sequence), so that best.ckpt is chosen on what inference will make of them."""
+    scales = {}
+    for sequence, width in widths.items():
+        scale = target / width if target and width > 0 else 1.0
+        if sequence in validation_only and SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1]:
+            scale = 1.0
+        scales[sequence] = scale
+    return scales
 
 
 def newest_checkpoint(out_dir: str) -> str | None:
@@ -288,6 +313,9 @@ def train(args):
                           augment=not args.no_augment, turn=not args.fixed_orientation,
                           contact_weight=args.contact_weight)
     init = load_model(args.init_from) if args.init_from else None
+    if init is not None and args.widths and tuple(args.widths) != tuple(init.hparams.widths):
+        sys.exit(f"error: {args.init_from}: its U-Net has widths {tuple(init.hparams.widths)}, not --widths "
+                 f"{args.widths}")
     cell_width = None
     if args.patch_size:  # the model's scale: the cells' width in the frames it trains on
         frames = data.frames("train") + data.frames("val")
@@ -300,16 +328,15 @@ def train(args):
             # (its estimated scale is 1 in this range), and record the data's width as the model's from now on
             target = None
         cell_width = target or data_width
-        # with a target width, each sequence is brought to it (simulated sequences differ; one movie's share it);
-        # without one, the frames keep their own scale
-        data.scale = {sequence: target / width if target and width > 0 else 1.0 for sequence, width in widths.items()}
+        data.scale = sequence_scales(widths, target, validation_only=set(split(args.val_seqs)) -
+                                     set(split(args.train_seqs)))
         print(f"cells {data_width:.1f} px wide in the training frames (median of sequences); model's scale "
               f"{cell_width:.1f} px (sequences rescaled by {min(data.scale.values()):.2f}.."
               f"{max(data.scale.values()):.2f})")
     data.load()  # every frame read and checked before the run folder or the Trainer exists
     # a fine-tuned model keeps the architecture and thresholds of the one it starts from
     kept = {k: init.hparams[k] for k in ("widths", "small_center_threshold", "isolated_border_threshold")} if init \
-        else {}
+        else {"widths": args.widths or DEFAULT_WIDTHS}
     model = UNet(lr=args.lr, num_epochs=args.num_epochs, input_size=args.input_size, patch_size=args.patch_size,
                  tile_size=args.tile_size, cell_width=cell_width, intensity=args.intensity,
                  min_area_fraction=0 if args.min_area_fraction == "auto" else args.min_area_fraction, **kept)

@@ -29,6 +29,9 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
+DEFAULT_WIDTHS = (32, 64, 128, 256)  # the baseline's U-Net: four levels, three poolings
+
+
 class UNet(L.LightningModule):
     """1 → 3 classes (background, core, border); 1,927,907 parameters with the default widths.
 
@@ -40,7 +43,7 @@ class UNet(L.LightningModule):
     (train.py --min_area_fraction).
     """
 
-    def __init__(self, in_channels: int = 1, num_classes: int = 3, widths=(32, 64, 128, 256), lr: float = 1e-3,
+    def __init__(self, in_channels: int = 1, num_classes: int = 3, widths=DEFAULT_WIDTHS, lr: float = 1e-3,
                  num_epochs: int = 100, input_size: int = 512, small_center_threshold: int = 30,
                  isolated_border_threshold: int = 15, patch_size: int = 0, tile_size: int = 512,
                  cell_width: float | None = None, intensity: str = "baseline", min_area_fraction: float = 0):
@@ -271,12 +274,13 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, tile_size: int 
                           batch_size: int = 4) -> torch.Tensor:
     """Class logits (classes x H x W, float32) of a frame of any size (channels x H x W, on the model's device).
 
-    The frame is padded to a multiple of 8; if it then fits one tile it is predicted whole, exactly as model(frame).
+    The frame is padded to a multiple of 2 ** poolings (8 with the default widths); if it then fits one tile it is predicted whole, exactly as model(frame).
     Otherwise overlapping tiles of tile_size x tile_size (`batch_size` at a time, so memory is bounded by the tile
     batch, not the frame) are predicted and their logits blended with centre-weighted maps (gaussian_weights).
     """
     height, width = image.shape[-2:]
-    padded_h, padded_w = -(-height // 8) * 8, -(-width // 8) * 8
+    multiple = 2 ** (len(model.hparams.widths) - 1) if hasattr(model, "hparams") else 8
+    padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
     image = pad_to(image, padded_h, padded_w)
     tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
     corners = [(y, x) for y in tile_starts(padded_h, tile_h, overlap) for x in tile_starts(padded_w, tile_w, overlap)]

@@ -577,3 +577,13 @@ def test_a_bad_frame_read_in_a_loader_worker_during_inference(data, checkpoint, 
                                             "--pred_dir", tmp_path / "pred", "--num_workers", 2, "--batch_size", 1,
                                             "--postprocess_workers", 0])
     assert re.fullmatch(rf"error: {re.escape(str(root / 'd' / 't0002.tif'))}: unreadable TIFF \(.+\)", message), message
+
+
+def test_fine_tuning_refuses_other_widths_before_the_run_folder(data, checkpoint, tmp_path, restore_sigterm):
+    import train
+
+    message = exit_message(train.main, ["--root_dir", data, "--out_dir", tmp_path / "run", "--init_from", checkpoint,
+                                        "--widths", "8,16,32,64,128", *TINY])
+    assert re.fullmatch(rf"error: {re.escape(str(checkpoint))}: its U-Net has widths \(\d+(, \d+)+\), not --widths "
+                        r"\(8, 16, 32, 64, 128\)", message), message
+    assert not (tmp_path / "run").exists()

@@ -205,6 +205,39 @@ def test_rescaled_mask_stays_on_its_image(scale):
     assert np.abs((centroids(back) - centroids(mask)).mean(0)).max() < 0.15
 
 
+def test_validation_sequences_are_scaled_as_inference_scales_them():
+    from train import sequence_scales
+
+    widths = {"a": 10.0, "b": 8.0, "c": 9.0, "d": 20.0}
+    # training sequences go exactly to the model's width; a validation sequence within SCALE_TOLERANCE of it stays as
+    # it is (as inference.predict_sequence keeps such frames), one further off is rescaled
+    assert sequence_scales(widths, 10.0, validation_only={"c", "d"}) == {"a": 1.0, "b": 1.25, "c": 1.0, "d": 0.5}
+    assert sequence_scales(widths, None, validation_only={"c"}) == {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    assert sequence_scales({"a": 10.0, "c": 0.0}, 12.0, validation_only={"c"}) == {"a": 1.2, "c": 1.0}
+
+
+def test_widths_flag_sets_the_unet_depth_and_the_size_multiple(tmp_path):
+    import train
+    from unet import UNet, sliding_window_logits
+
+    args = train.parse_args(["--root_dir", "data", "--widths", "8,16,32,64,128"])
+    assert args.widths == (8, 16, 32, 64, 128)
+    with pytest.raises(SystemExit):  # four poolings: sides must be multiples of 16
+        train.parse_args(["--root_dir", "data", "--widths", "8,16,32,64,128", "--patch_size", "136"])
+    with pytest.raises(SystemExit):
+        train.parse_args(["--root_dir", "data", "--widths", "8,x"])
+    assert train.parse_args(["--root_dir", "data", "--patch_size", "136"]).widths is None  # default: 8 is enough
+    torch.manual_seed(0)
+    model = UNet(widths=(4, 8, 16, 32, 64), patch_size=64, tile_size=64).eval()
+    image = torch.rand(1, 75, 90)  # sides no multiple of 16: padded to 80 x 96, tiled, cropped back
+    with torch.no_grad():
+        logits = sliding_window_logits(model, image, tile_size=64)
+        whole = sliding_window_logits(model, image[:, :60, :60], tile_size=64)
+        direct = model(torch.nn.functional.pad(image[None, :, :60, :60], (0, 4, 0, 4), mode="reflect"))[0, :, :60, :60]
+    assert logits.shape == (3, 75, 90) and torch.isfinite(logits).all()
+    assert torch.allclose(whole, direct, atol=1e-5)
+
+
 def test_fine_tuning_takes_a_tenth_of_the_learning_rate_unless_told():
     import train
 
@@ -228,7 +261,7 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     # frames' own pixels and takes the data's width as the model's
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "scratch", "--num_epochs", 3,
               "--model_cell_width", f"{1.1 * width:.2f}", *tiny)
-    assert f"model's scale {1.1 * width:.1f} px (sequences rescaled by 1.10..1.10)" in out
+    assert f"model's scale {1.1 * width:.1f} px (sequences rescaled by 1.00..1.10)" in out  # c: 1, as inference
     # the patch recipe chooses its size filter on the validation frames and records it in best.ckpt
     chosen = [line for line in out.splitlines() if line.startswith("min_area_fraction chosen")]
     assert len(chosen) == 1
