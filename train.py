@@ -231,7 +231,7 @@ def fine_tuning_lr(model: UNet, data: CellDataModule, device: str = "cpu", resum
     if not model.hparams.patch_size or resumed:
         return 1e-4
     _, scores = choose_min_area_fraction(model.to(device), data.val_set)
-    model.to("cpu")
+    model.to("cpu").train()  # Lightning keeps the modes it finds: BatchNorm must not start training in eval mode
     start = max(scores.values())
     lr = 1e-4 if start >= KNOWN_CELLS_DICE else 1e-3
     print(f"--init_from model before training: val instance dice {start:.3f} "

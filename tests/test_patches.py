@@ -267,6 +267,7 @@ def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows
     data.scale = {"a": scale, "b": scale}  # the model's scale, as train() brings frames to it
     data.load()
     assert train.fine_tuning_lr(bundled, data) == 1e-4
+    assert all(module.training for module in bundled.modules())  # back in training mode, BatchNorm included
     torch.manual_seed(0)
     random = UNet(patch_size=128, tile_size=256, intensity="percentile")
     assert train.fine_tuning_lr(random, data) == 1e-3
@@ -304,10 +305,13 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     checkpoint = tmp_path / "scratch" / "checkpoints" / "last.ckpt"
     # --max_time ends a run long before its 500 epochs, with its checkpoints
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 500, "--max_time",
-              "00:00:00:03", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, *tiny)
+              "00:00:00:03", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, *tiny,
+              with_stderr=True)
     assert (tmp_path / "tuned" / "checkpoints" / "best.ckpt").is_file()
     assert 1 <= load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["epoch"] < 100
     assert f"model's scale {width:.1f} px (sequences rescaled by 1.00..1.00)" in out
+    # fine-tuning scored the starting model first to choose its learning rate, and trained in training mode after
+    assert "--init_from model before training: val instance dice" in out and "in eval mode at the start" not in out
     # with --ema_decay the checkpoint's weights are the average, the step's own kept beside them for --resume
     tuned_checkpoint = load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))
     averaged, current = tuned_checkpoint["state_dict"], tuned_checkpoint["current_model_state"]

@@ -15,11 +15,11 @@ from eval import evaluate
 pytestmark = [pytest.mark.slow]
 
 
-def run(script, *args):
+def run(script, *args, with_stderr=False):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
                             text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout
+    return result.stdout + result.stderr if with_stderr else result.stdout
 
 
 @pytest.fixture(scope="module")
