@@ -274,7 +274,8 @@ def sliding_window_logits(model: nn.Module, image: torch.Tensor, tile_size: int 
                           batch_size: int = 4) -> torch.Tensor:
     """Class logits (classes x H x W, float32) of a frame of any size (channels x H x W, on the model's device).
 
-    The frame is padded to a multiple of 2 ** poolings (8 with the default widths); if it then fits one tile it is predicted whole, exactly as model(frame).
+    The frame is padded to a multiple of 2 ** poolings (8 with the default widths); if it then fits one tile it is
+    predicted whole, exactly as model(frame).
     Otherwise overlapping tiles of tile_size x tile_size (`batch_size` at a time, so memory is bounded by the tile
     batch, not the frame) are predicted and their logits blended with centre-weighted maps (gaussian_weights).
     """
