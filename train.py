@@ -148,11 +148,14 @@ def parse_args(argv=None):
             parser.error(f"--min_area_fraction: 'auto' or a number, got {args.min_area_fraction!r}")
     elif not args.patch_size:
         parser.error("--min_area_fraction auto needs the patch recipe (whole validation frames at the model's scale)")
-    try:
-        args.widths = tuple(int(w) for w in args.widths.split(",")) if args.widths else None
-        assert args.widths is None or (len(args.widths) >= 2 and min(args.widths) > 0)
-    except (ValueError, AssertionError):
-        parser.error(f"--widths: two or more positive integers separated by commas, got {args.widths!r}")
+    if args.widths:
+        try:
+            widths = tuple(int(w) for w in args.widths.split(","))
+        except ValueError:
+            widths = ()
+        if len(widths) < 2 or min(widths) <= 0:
+            parser.error(f"--widths: two or more positive integers separated by commas, got {args.widths!r}")
+        args.widths = widths
     multiple = 2 ** (len(args.widths or DEFAULT_WIDTHS) - 1)
     for name in ("input_size", "patch_size", "tile_size"):
         if getattr(args, name) % multiple:
@@ -366,7 +369,11 @@ def train(args):
     if init is not None:
         model.load_state_dict(init.state_dict())
     if args.lr is None:
-        model.hparams.lr = args.lr = fine_tuning_lr(model, data, "cuda" if cuda else "cpu", resumed=bool(resume_from))
+        # each DDP process on its own GPU, as Lightning will place it (LOCAL_RANK from its launcher, SLURM_LOCALID
+        # under srun), not all on GPU 0
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        device = f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu"
+        model.hparams.lr = args.lr = fine_tuning_lr(model, data, device, resumed=bool(resume_from))
 
     logger = CSVLogger(args.out_dir, name="", version="")
     metrics_file = os.path.join(args.out_dir, "metrics.csv")

@@ -216,7 +216,7 @@ def test_validation_sequences_are_scaled_as_inference_scales_them():
     assert sequence_scales({"a": 10.0, "c": 0.0}, 12.0, validation_only={"c"}) == {"a": 1.2, "c": 1.0}
 
 
-def test_widths_flag_sets_the_unet_depth_and_the_size_multiple(tmp_path):
+def test_widths_flag_sets_the_unet_depth_and_the_size_multiple():
     import train
     from unet import UNet, sliding_window_logits
 
@@ -224,16 +224,18 @@ def test_widths_flag_sets_the_unet_depth_and_the_size_multiple(tmp_path):
     assert args.widths == (8, 16, 32, 64, 128)
     with pytest.raises(SystemExit):  # four poolings: sides must be multiples of 16
         train.parse_args(["--root_dir", "data", "--widths", "8,16,32,64,128", "--patch_size", "136"])
-    with pytest.raises(SystemExit):
-        train.parse_args(["--root_dir", "data", "--widths", "8,x"])
+    for bad in ("8,x", "16", "8,0"):
+        with pytest.raises(SystemExit):
+            train.parse_args(["--root_dir", "data", "--widths", bad])
     assert train.parse_args(["--root_dir", "data", "--patch_size", "136"]).widths is None  # default: 8 is enough
     torch.manual_seed(0)
     model = UNet(widths=(4, 8, 16, 32, 64), patch_size=64, tile_size=64).eval()
-    image = torch.rand(1, 75, 90)  # sides no multiple of 16: padded to 80 x 96, tiled, cropped back
+    image = torch.rand(1, 75, 90)  # larger than a tile: tiled, cropped back
     with torch.no_grad():
         logits = sliding_window_logits(model, image, tile_size=64)
-        whole = sliding_window_logits(model, image[:, :60, :60], tile_size=64)
-        direct = model(torch.nn.functional.pad(image[None, :, :60, :60], (0, 4, 0, 4), mode="reflect"))[0, :, :60, :60]
+        # one tile: 40 px, a multiple of 8 but not of 16, is padded to 48 (at 40 the fourth pooling would not fit)
+        whole = sliding_window_logits(model, image[:, :40, :40], tile_size=64)
+        direct = model(torch.nn.functional.pad(image[None, :, :40, :40], (0, 8, 0, 8), mode="reflect"))[0, :, :40, :40]
     assert logits.shape == (3, 75, 90) and torch.isfinite(logits).all()
     assert torch.allclose(whole, direct, atol=1e-5)
 
