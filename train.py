@@ -422,6 +422,12 @@ def train(args):
                                         if os.path.isfile(last_path) else "no epoch was complete, no checkpoint"),
               file=sys.stderr)
         sys.exit(128 + signal.SIGTERM)
+    # Every process leaves the process group once training is over: a gloo group still alive when the interpreter
+    # shuts down can abort the process ("terminate called without an active exception"; once in CI, rank 1 of a
+    # 2-task SLURM job after its last epoch, failing the job). Nothing below needs the group.
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        trainer.strategy.barrier()
+        torch.distributed.destroy_process_group()
     if trainer.is_global_zero:
         print(f"best val_instance_dice: {checkpoints.best_model_score}; checkpoints in {checkpoint_dir}")
         if args.min_area_fraction == "auto" and checkpoints.best_model_path:
