@@ -39,6 +39,8 @@ from energy import EnergyCallback
 from unet import (DEFAULT_WIDTHS, SCALE_TOLERANCE, UNet, choose_min_area_fraction, export_weights, load_checkpoint,
                   load_model, record_hparams)
 
+say = rank_zero_only(print)  # lines said before the Trainer exists, by every DDP process alike: once is enough
+
 
 # The flags' defaults of each recipe. 'faithful' is the baseline's (SPEC §4); 'patches' is what works on real
 # microscopy (README: measured figures): the frames' own scale, patches, augmentation, a minimum of steps.
@@ -237,7 +239,7 @@ def fine_tuning_lr(model: UNet, data: CellDataModule, device: str = "cpu", resum
     model.to("cpu").train()  # Lightning keeps the modes it finds: BatchNorm must not start training in eval mode
     start = max(scores.values())
     lr = 1e-4 if start >= KNOWN_CELLS_DICE else 1e-3
-    print(f"--init_from model before training: val instance dice {start:.3f} "
+    say(f"--init_from model before training: val instance dice {start:.3f} "
           f"({'at least' if start >= KNOWN_CELLS_DICE else 'below'} {KNOWN_CELLS_DICE}): learning rate {lr:g}")
     return lr
 
@@ -356,7 +358,7 @@ def train(args):
         cell_width = target or data_width
         data.scale = sequence_scales(widths, target, validation_only={f.sequence for f in data.frames("val")} -
                                      {f.sequence for f in data.frames("train")})
-        print(f"cells {data_width:.1f} px wide in the training frames (median of sequences); model's scale "
+        say(f"cells {data_width:.1f} px wide in the training frames (median of sequences); model's scale "
               f"{cell_width:.1f} px (sequences rescaled by {min(data.scale.values()):.2f}.."
               f"{max(data.scale.values()):.2f})")
     data.load()  # every frame read and checked before the run folder or the Trainer exists

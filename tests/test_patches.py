@@ -250,7 +250,7 @@ def test_learning_rate_defaults_and_an_explicit_one_wins():
 
 
 @pytest.mark.slow
-def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows(tmp_path):
+def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows(tmp_path, capsys, monkeypatch):
     """The bundled model segments simulated bacteria (0.82 zero-shot): 1e-4. A random model segments nothing: 1e-3.
     The faithful recipe and a resumed run: 1e-4 without measuring."""
     import simulate
@@ -273,6 +273,10 @@ def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows
     torch.manual_seed(0)
     random = UNet(patch_size=128, tile_size=256, intensity="percentile")
     assert train.fine_tuning_lr(random, data) == 1e-3
+    assert "learning rate 0.001" in capsys.readouterr().out
+    monkeypatch.setattr(train.rank_zero_only, "rank", 1)  # another DDP process: the same rate, said by rank 0 only
+    assert train.fine_tuning_lr(random, data) == 1e-3
+    assert capsys.readouterr().out == ""
     assert train.fine_tuning_lr(random, data, resumed=True) == 1e-4
     assert train.fine_tuning_lr(UNet(patch_size=0), data) == 1e-4
 
