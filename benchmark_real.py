@@ -38,28 +38,31 @@ from unet import load_checkpoint
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
 
-# name -> train (a), select (b) and test (c) sequences, each made of pieces: (source, frame range).
+# name -> train (a), select (b) and test (c) sequences, each made of pieces: (source, frame range). A source is a path
+# under ../shared/real: a sequence folder with its masks (challenge or CTC layout), or the stem of an image stack and
+# its mask stack, <stem>_img.tif and <stem>_mask.tif (trpL).
 # Usiigaci's frames are unrelated fields of view of two kinds: large cells (median area 2,700-4,300 px: a's frames
 # 0-11, 16, 17, 20, 21 and b's 0-6) and small, crowded ones (1,000-1,600 px: a's 12-15, 18, 19 and b's 7-22). Split by
 # sequence ("usiigaci_by_sequence", the first benchmark's split), training holds 4 crowded frames and the test 16;
 # "usiigaci" interleaves b, so training and test frames come from the same mix, and b's odd frames stay unseen.
+TRPL = "trpL/trpL_150310-11"
 SPLITS = {
-    "trpL": {"a": [("trpL", slice(0, 12))], "b": [("trpL", slice(12, 15))], "c": [("trpL", slice(15, 20))]},
-    "usiigaci": {"a": [("a", slice(0, 18)), ("b", slice(0, None, 2))], "b": [("a", slice(18, 22))],
-                 "c": [("b", slice(1, None, 2))]},
-    "usiigaci_by_sequence": {"a": [("a", slice(0, 18))], "b": [("a", slice(18, 22))], "c": [("b", slice(0, None))]},
+    "trpL": {"a": [(TRPL, slice(0, 12))], "b": [(TRPL, slice(12, 15))], "c": [(TRPL, slice(15, 20))]},
+    "usiigaci": {"a": [("usiigaci/a", slice(0, 18)), ("usiigaci/b", slice(0, None, 2))],
+                 "b": [("usiigaci/a", slice(18, 22))], "c": [("usiigaci/b", slice(1, None, 2))]},
+    "usiigaci_by_sequence": {"a": [("usiigaci/a", slice(0, 18))], "b": [("usiigaci/a", slice(18, 22))],
+                             "c": [("usiigaci/b", slice(0, None))]},
 }
 
 
-def source_frames(real_dir: str, dataset: str, source: str, frames: slice):
+def source_frames(real_dir: str, source: str, frames: slice):
     """(image, mask) pairs of one piece of a real dataset."""
-    if dataset == "trpL":
+    path = os.path.join(real_dir, source)
+    if os.path.isfile(path + "_img.tif"):
         import tifffile
-        images = tifffile.imread(os.path.join(real_dir, "trpL", "trpL_150310-11_img.tif"))[frames]
-        masks = tifffile.imread(os.path.join(real_dir, "trpL", "trpL_150310-11_mask.tif"))[frames]
-        return list(zip(images, masks))
-    root = os.path.join(real_dir, dataset.split("_")[0])
-    return [(read_tiff_2d(f.image_path), read_mask(f.mask_path)) for f in list_frames(root, source, True)[frames]]
+        return list(zip(tifffile.imread(path + "_img.tif")[frames], tifffile.imread(path + "_mask.tif")[frames]))
+    root, sequence = os.path.split(path)
+    return [(read_tiff_2d(f.image_path), read_mask(f.mask_path)) for f in list_frames(root, sequence, True)[frames]]
 
 
 def prepare(real_dir: str, dataset: str, data_root: str) -> str:
@@ -67,7 +70,7 @@ def prepare(real_dir: str, dataset: str, data_root: str) -> str:
     for sequence, pieces in SPLITS[dataset].items():
         if not os.path.isdir(os.path.join(root, sequence)):
             write_sequence(root, sequence, [pair for source, frames in pieces
-                                            for pair in source_frames(real_dir, dataset, source, frames)])
+                                            for pair in source_frames(real_dir, source, frames)])
     return root
 
 

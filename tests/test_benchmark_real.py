@@ -10,8 +10,10 @@ from conftest import SHARED_REAL
 from dataset import list_frames, read_mask, read_tiff_2d
 
 USIIGACI = os.path.join(SHARED_REAL, "usiigaci")
-pytestmark = [pytest.mark.real, pytest.mark.skipif(
-    not os.path.isdir(USIIGACI), reason=f"real sample not present at {USIIGACI} (../shared/real)")]
+TRPL = os.path.join(SHARED_REAL, "trpL", "trpL_150310-11")
+pytestmark = [pytest.mark.real]
+needs_usiigaci = pytest.mark.skipif(not os.path.isdir(USIIGACI),
+                                    reason=f"real sample not present at {USIIGACI} (../shared/real)")
 
 
 def digests(root, sequence):
@@ -19,6 +21,7 @@ def digests(root, sequence):
             for f in list_frames(root, sequence, with_masks=True)]
 
 
+@needs_usiigaci
 def test_usiigaci_split_interleaves_b_and_keeps_its_odd_frames_unseen(tmp_path):
     root = prepare(SHARED_REAL, "usiigaci", str(tmp_path))
     train, select, test = (digests(root, s) for s in "abc")
@@ -38,7 +41,22 @@ def test_usiigaci_split_interleaves_b_and_keeps_its_odd_frames_unseen(tmp_path):
         assert 0 < sum(small) < len(small)
 
 
+@needs_usiigaci
 def test_the_first_usiigaci_split_is_kept_by_its_name(tmp_path):
     root = prepare(SHARED_REAL, "usiigaci_by_sequence", str(tmp_path))
     assert [len(digests(root, s)) for s in "abc"] == [18, 4, 23]
     assert digests(root, "c") == digests(USIIGACI, "b")
+
+
+@pytest.mark.skipif(not os.path.isfile(TRPL + "_img.tif"), reason=f"real sample not present at {TRPL}_img.tif")
+def test_trpl_split_takes_consecutive_frames_of_the_movie(tmp_path):
+    import tifffile
+
+    root = prepare(SHARED_REAL, "trpL", str(tmp_path))
+    images, masks = tifffile.imread(TRPL + "_img.tif"), tifffile.imread(TRPL + "_mask.tif")
+    for sequence, frames in (("a", range(0, 12)), ("b", range(12, 15)), ("c", range(15, 20))):
+        written = list_frames(root, sequence, with_masks=True)
+        assert len(written) == len(frames)
+        for frame, index in zip(written, frames):
+            assert np.array_equal(read_tiff_2d(frame.image_path), images[index])
+            assert np.array_equal(read_mask(frame.mask_path), masks[index])
