@@ -240,7 +240,7 @@ def fine_tuning_lr(model: UNet, data: CellDataModule, device: str = "cpu", resum
     start = max(scores.values())
     lr = 1e-4 if start >= KNOWN_CELLS_DICE else 1e-3
     say(f"--init_from model before training: val instance dice {start:.3f} "
-          f"({'at least' if start >= KNOWN_CELLS_DICE else 'below'} {KNOWN_CELLS_DICE}): learning rate {lr:g}")
+        f"({'at least' if start >= KNOWN_CELLS_DICE else 'below'} {KNOWN_CELLS_DICE}): learning rate {lr:g}")
     return lr
 
 
@@ -359,8 +359,8 @@ def train(args):
         data.scale = sequence_scales(widths, target, validation_only={f.sequence for f in data.frames("val")} -
                                      {f.sequence for f in data.frames("train")})
         say(f"cells {data_width:.1f} px wide in the training frames (median of sequences); model's scale "
-              f"{cell_width:.1f} px (sequences rescaled by {min(data.scale.values()):.2f}.."
-              f"{max(data.scale.values()):.2f})")
+            f"{cell_width:.1f} px (sequences rescaled by {min(data.scale.values()):.2f}.."
+            f"{max(data.scale.values()):.2f})")
     data.load()  # every frame read and checked before the run folder or the Trainer exists
     # a fine-tuned model keeps the architecture and thresholds of the one it starts from
     kept = {k: init.hparams[k] for k in ("widths", "small_center_threshold", "isolated_border_threshold")} if init \

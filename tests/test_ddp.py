@@ -86,7 +86,7 @@ def test_resume_takes_the_checkpoint_furthest_into_training(tmp_path):
     assert newest_checkpoint(str(tmp_path)) == str(folder / "last.ckpt")  # the resumed run went on past it
 
 
-def test_training_leaves_no_process_group_behind(tmp_path, monkeypatch):
+def test_training_leaves_no_process_group_behind(tmp_path):
     """A gloo group still alive at interpreter shutdown can abort the process after a finished run (once in CI: rank 1
     of a 2-task SLURM job, "terminate called without an active exception"). Here the group is made beforehand, as a
     launcher's would be, so the check does not depend on that race."""
