@@ -12,7 +12,7 @@ from scipy import ndimage
 import torch.nn.functional as F
 from torch import nn
 
-from augment import IGNORE, median_cell_width, random_patch, resample, sample_grid
+from augment import IGNORE, foreground_pixels, median_cell_width, random_patch, resample, sample_grid
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
 from conftest import write_dataset
 from dataset import ScaledFrames, UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range, write_sequence
@@ -30,19 +30,55 @@ def rods(shape=(120, 150)):
     return mask
 
 
+@pytest.mark.parametrize("elastic", [0.0, 4.0])
 @pytest.mark.parametrize("seed", range(16))
-def test_augmented_patch_keeps_image_and_targets_aligned(seed):
+def test_augmented_patch_keeps_image_and_targets_aligned(seed, elastic):
     mask = rods()
     image = np.where(mask > 0, 200.0, 40.0).astype(np.float32)  # cells bright, background dark
-    patch, targets, _ = random_patch(image, mask, 64, np.random.default_rng(seed), augment=True, intensity=False)
+    patch, targets, _ = random_patch(image, mask, 64, np.random.default_rng(seed), augment=True, intensity=False,
+                                     elastic=elastic)
     assert patch.shape == targets.shape == (64, 64)
     # a core pixel lies 4 patch pixels inside its cell (>= 2.8 frame px at the smallest scale): all four bilinear
-    # neighbours are inside, so the image there is exactly the cells' grey; background far from cells is exactly dark
-    assert np.allclose(patch[targets == 1], 200.0)
+    # neighbours are inside, so the image there is exactly the cells' grey; background far from cells is exactly dark.
+    # Not on the patch's outermost pixels: the edge of a cell just beyond the patch is not in its targets
+    core = targets == 1
+    core[:1], core[-1:], core[:, :1], core[:, -1:] = False, False, False, False
+    assert core.any() and np.allclose(patch[core], 200.0)
     far = (targets == 0) & ~ndimage.maximum_filter(targets > 0, size=7)
     far[:3], far[-3:], far[:, :3], far[:, -3:] = False, False, False, False  # cells just beyond the patch blur in
     assert far.any() and np.allclose(patch[far], 40.0)
     assert set(np.unique(targets)) <= {0, 1, 2, IGNORE}
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_elastic_deformation_bends_the_grid_smoothly(seed):
+    # a frame whose value is its column: a patch samples the columns its grid reaches, so bent minus plain patch is
+    # the deformation's column displacement (in frame px); the same seed draws the same crop, scale and turn
+    columns = np.tile(np.arange(600, dtype=np.float32), (600, 1))
+    mask = np.zeros((600, 600), np.int32)
+    mask[250:350, 250:350] = 1  # centres here: the grid, bent or not, stays inside the frame
+    kwargs = dict(foreground=foreground_pixels(mask), foreground_bias=1.0, intensity=False, turn=False)
+    plain, *_ = random_patch(columns, mask, 128, np.random.default_rng(seed), **kwargs)
+    bent, *_ = random_patch(columns, mask, 128, np.random.default_rng(seed), elastic=4.0, **kwargs)
+    shift = bent - plain
+    assert 0.3 < np.abs(shift).max() < 4 * 4 / 0.7  # moved, by a few px at most (4 std at the smallest scale)
+    # smooth: a cell's outline bends but does not fray; neighbouring pixels move alike
+    assert np.abs(np.diff(shift, axis=0)).max() < 0.5 and np.abs(np.diff(shift, axis=1)).max() < 0.5
+    # without it a patch is what it was before the flag existed: elastic=0 draws no random numbers
+    again, *_ = random_patch(columns, mask, 128, np.random.default_rng(seed), elastic=0.0, **kwargs)
+    np.testing.assert_array_equal(again, plain)
+
+
+def test_elastic_offsets_equal_a_cubic_zoom_of_random_control_points():
+    from scipy import ndimage
+
+    from augment import elastic_offsets
+
+    dy, dx = elastic_offsets(128, 3.0, np.random.default_rng(7))
+    coarse = np.random.default_rng(7).normal(0.0, 3.0, (2, 3, 3))  # 128 px with control points 64 px apart
+    for offsets, points in zip((dy, dx), coarse):
+        reference = ndimage.zoom(points, 128 / 3, order=3, mode="nearest", grid_mode=True)[:128, :128]
+        np.testing.assert_allclose(offsets, reference, atol=1e-9)
 
 
 def test_grid_mirrors_turns_and_zooms_about_the_centre():
@@ -312,8 +348,8 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     # --max_time ends a run long before its 500 epochs, with its checkpoints (10 s: a loaded machine still finishes
     # an epoch of these 32 tiny patches in that time; 3 s did not, with two test processes on two busy cores)
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 500, "--max_time",
-              "00:00:00:10", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, *tiny,
-              with_stderr=True)
+              "00:00:00:10", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, "--elastic", 2,
+              *tiny, with_stderr=True)
     assert (tmp_path / "tuned" / "checkpoints" / "best.ckpt").is_file()
     assert 1 <= load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["epoch"] < 100
     assert f"model's scale {width:.1f} px (sequences rescaled by 1.00..1.00)" in out
