@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 import simulate
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
-from dataset import LabelledFrames, UnlabelledFrames, list_frames, load_image, normalise, read_mask, write_sequence
+from data_files import list_frames, read_mask, write_sequence
+from dataset import LabelledFrames, UnlabelledFrames, load_image, normalise
 from energy import EnergyMeter
 from inference import border_core_maps, pick_device, predict_sequence
 from metrics import instance_dice

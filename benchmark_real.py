@@ -30,7 +30,7 @@ import pandas as pd
 
 from augment import median_cell_width
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
-from dataset import DataError, list_frames, read_mask, read_tiff_2d, write_sequence
+from data_files import DataError, list_frames, read_mask, read_tiff_2d, write_sequence
 from eval import evaluate
 from metrics import instance_dice
 from unet import load_checkpoint

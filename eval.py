@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 
 from border_core import resize_nearest
-from dataset import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN,
-                     RESULT_TRACK_FILE, TRACK_FILE, DataError, atomic_write, error_line, mask_dir, numbered_files,
-                     prediction_path, read_mask, read_prediction)
+from data_files import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN,
+                        RESULT_TRACK_FILE, TRACK_FILE, DataError, atomic_write, error_line, mask_dir, numbered_files,
+                        prediction_path, read_mask, read_prediction)
 from energy import EnergyMeter
 from metrics import IOU_THRESHOLDS, detection_scores, iou_counts, score_frame
 

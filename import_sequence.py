@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import tifffile
 
-from dataset import DataError, check_labels, error_line, read_tiff_2d, write_sequence
+from data_files import DataError, check_labels, error_line, read_tiff_2d, write_sequence
 
 
 def frame_number(name: str):

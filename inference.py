@@ -22,8 +22,9 @@ from torch.utils.data import DataLoader
 from augment import median_cell_width
 from border_core import (SCORE_SIZE, instances_at_score_size, instances_from_border_core, resize_nearest,
                          resize_nearest_exact)
-from dataset import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, UnlabelledFrames, default_sequences,
-                     error_line, frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
+from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, default_sequences, error_line,
+                        frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
+from dataset import UnlabelledFrames
 from energy import EnergyMeter
 from unet import SCALE_TOLERANCE, UNet, load_model, postprocess_thresholds, sliding_window_logits
 

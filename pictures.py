@@ -30,9 +30,9 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from border_core import resize_nearest
-from dataset import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, atomic_write, error_line, list_frames,
-                     mask_dir, numbered_files, prediction_path, read_mask, read_prediction, read_tiff_2d, read_tracks,
-                     to_uint8_range)
+from data_files import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, atomic_write, error_line, list_frames,
+                        mask_dir, numbered_files, prediction_path, read_mask, read_prediction, read_tiff_2d,
+                        read_tracks, to_uint8_range)
 
 PRED_COLOUR, GT_COLOUR = (255, 220, 0), (0, 220, 255)
 

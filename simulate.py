@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from dataset import DataError, ctc_digits, write_ctc_sequence, write_sequence
+from data_files import DataError, ctc_digits, write_ctc_sequence, write_sequence
 
 CELL_RADIUS = 6.0  # px: cells 12 px wide, like C. glutamicum at 0.072 µm/px
 DIVISION_LENGTH = 50.0  # px, tip to tip, mean of the per-cell threshold

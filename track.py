@@ -42,9 +42,9 @@ import tifffile
 from scipy.optimize import linear_sum_assignment
 
 from border_core import resize_nearest_exact
-from dataset import (MASK_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN, RESULT_TRACK_FILE, TRACK_MASK_PATTERN,
-                     DataError, ctc_digits, format_tracks, narrowest_unsigned, numbered_files, read_prediction,
-                     result_mask_name)
+from data_files import (MASK_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN, RESULT_TRACK_FILE, TRACK_MASK_PATTERN,
+                        DataError, ctc_digits, format_tracks, narrowest_unsigned, numbered_files, read_prediction,
+                        result_mask_name)
 from metrics import dense_index, overlap_table_of_indices
 
 DAUGHTER_INSIDE = 0.5  # share of a daughter's area inside its mother's last outline (> 0.5: one mother at most)

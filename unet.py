@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from augment import IGNORE
 from border_core import (drop_small_instances, instances_at_score_size, instances_from_border_core,
                          typical_cell_area)
-from dataset import DataError, atomic_write
+from data_files import DataError, atomic_write
 from metrics import instance_dice
 
 # A model trained with the patch recipe's scale augmentation (0.7-1.4) takes cells this much narrower or wider than

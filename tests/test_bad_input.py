@@ -15,8 +15,10 @@ import pytest
 import tifffile
 import torch
 
+from border_core import resize_nearest
 from conftest import ROOT, write_dataset
-from dataset import LabelledFrames, error_line, list_frames, read_mask, resize_nearest
+from data_files import error_line, list_frames, read_mask
+from dataset import LabelledFrames
 from unet import UNet, load_checkpoint, load_model
 
 TINY = ("--recipe", "faithful", "--num_epochs", 1, "--input_size", 32, "--batch_size", 2, "--num_workers", 0)

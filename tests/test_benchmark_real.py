@@ -7,7 +7,7 @@ import pytest
 
 from benchmark_real import prepare
 from conftest import SHARED_REAL
-from dataset import list_frames, read_mask, read_tiff_2d
+from data_files import list_frames, read_mask, read_tiff_2d
 
 USIIGACI = os.path.join(SHARED_REAL, "usiigaci")
 TRPL = os.path.join(SHARED_REAL, "trpL", "trpL_150310-11")

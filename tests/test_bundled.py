@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import simulate
-from dataset import write_sequence
+from data_files import write_sequence
 from eval import evaluate
 from inference import BUNDLED_MODEL, predict_sequence
 from unet import load_model

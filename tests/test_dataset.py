@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from conftest import write_dataset
 from border_core import border_core_targets, resize_nearest, resize_nearest_exact
-from dataset import (CellDataModule, DataError, LabelledFrames, default_sequences, detect_layout, list_frames,
-                     random_brightness_contrast, random_horizontal_flip, to_uint8_range)
+from data_files import DataError, default_sequences, detect_layout, list_frames, to_uint8_range
+from dataset import CellDataModule, LabelledFrames, random_brightness_contrast, random_horizontal_flip
 
 
 def test_detects_both_layouts_and_their_default_sequences(tmp_path):
@@ -83,7 +83,7 @@ def test_float_mask_is_refused(tmp_path):
 def test_multichannel_frame_is_refused(tmp_path):
     path = str(tmp_path / "t0000.tif")
     tifffile.imwrite(path, np.zeros((3, 20, 20), np.uint8), photometric="minisblack")
-    from dataset import read_tiff_2d
+    from data_files import read_tiff_2d
     with pytest.raises(DataError, match=r"t0000\.tif: expected one 2-D single-channel frame, got .*\(3, 20, 20\)"):
         read_tiff_2d(path)
 
@@ -137,3 +137,18 @@ def test_labelled_frames_items(tmp_path):
     np.testing.assert_allclose(image[0].numpy(), (resize_nearest(raw, (64, 64)) / 255 - 0.5) / 0.25, atol=1e-6)
     np.testing.assert_array_equal(target.numpy(), resize_nearest(border_core_targets(mask), (64, 64)))
     np.testing.assert_array_equal(instances.numpy(), resize_nearest(mask, (256, 256)))
+
+
+def test_the_file_scripts_start_without_torch():
+    # eval.py, track.py, pictures.py, import_sequence.py and simulate.py only read and write files: importing torch
+    # and Lightning (7-10 s on a small machine) would be most of their run on a few frames
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = ("import sys; import eval, track, pictures, import_sequence, simulate; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'lightning'}))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

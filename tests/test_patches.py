@@ -15,7 +15,8 @@ from torch import nn
 from augment import IGNORE, foreground_pixels, median_cell_width, random_patch, resample, sample_grid
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
 from conftest import write_dataset
-from dataset import ScaledFrames, UnlabelledFrames, list_frames, read_mask, rescale, to_uint8_range, write_sequence
+from data_files import list_frames, read_mask, rescale, to_uint8_range, write_sequence
+from dataset import ScaledFrames, UnlabelledFrames
 from metrics import instance_dice
 from unet import UNet, load_checkpoint, sliding_window_logits, tile_starts
 

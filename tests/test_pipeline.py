@@ -9,7 +9,7 @@ import pytest
 import tifffile
 
 from conftest import ROOT, write_dataset
-from dataset import DataError, narrowest_unsigned, write_tiff_atomically
+from data_files import DataError, narrowest_unsigned, write_tiff_atomically
 from eval import evaluate
 
 pytestmark = [pytest.mark.slow]
@@ -88,7 +88,7 @@ def test_eval_scores_a_missing_prediction_zero_and_names_it(tmp_path):
     pred = tmp_path / "pred" / "c"
     pred.mkdir(parents=True)
     for t in (0, 2):  # a perfect prediction for frames 0 and 2, none for frame 1
-        from dataset import resize_nearest
+        from border_core import resize_nearest
         gt = tifffile.imread(os.path.join(root, "c_GT", f"man_seg{t:04d}.tif"))
         tifffile.imwrite(pred / f"t{t:04d}_256.tif", resize_nearest(gt, (256, 256)))
     with pytest.warns(UserWarning, match=r"1 frame\(s\) without a prediction score 0: .*c/t0001_256\.tif"):
@@ -121,8 +121,9 @@ def test_pooled_postprocessing_equals_inline(trained):
     import torch
     from torch.utils.data import DataLoader
 
-    from dataset import UnlabelledFrames, list_frames
     from border_core import instances_at_size
+    from data_files import list_frames
+    from dataset import UnlabelledFrames
     from inference import predict_instance_segmentation_from_border_core
     from unet import UNet
 

@@ -11,7 +11,7 @@ import pytest
 import tifffile
 
 from conftest import ROOT, SHARED_REAL
-from dataset import list_frames
+from data_files import list_frames
 from import_sequence import import_sequence
 from test_pipeline import run
 

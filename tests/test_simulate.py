@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 
 import simulate
-from dataset import list_frames, read_mask, read_tiff_2d
+from data_files import list_frames, read_mask, read_tiff_2d
 
 
 @pytest.fixture(scope="module")

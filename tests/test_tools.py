@@ -6,7 +6,7 @@ import pytest
 import tifffile
 
 from conftest import write_dataset, blob_frame
-from dataset import DataError, list_frames
+from data_files import DataError, list_frames
 from import_sequence import import_sequence
 import pictures
 

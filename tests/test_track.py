@@ -14,7 +14,7 @@ import tifffile
 import simulate
 import track
 from conftest import ROOT
-from dataset import list_frames, read_tracks
+from data_files import list_frames, read_tracks
 from metrics import IOU_THRESHOLDS, detection_scores, iou_counts, mean_ap
 
 
