@@ -65,7 +65,7 @@ def resize_nearest(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def resize_nearest_exact(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Nearest-neighbour resize of the last two axes with pixel centres aligned, source index
     floor((i + 0.5) * in / out) (torch's 'nearest-exact', PIL's NEAREST): the rule that keeps a label map on top of
-    an image resampled bilinearly about pixel centres (dataset.rescale). resize_nearest's floor(i * in / out) shifts
+    an image resampled bilinearly about pixel centres (data_files.rescale). resize_nearest's floor(i * in / out) shifts
     the content by up to half a source pixel, which costs several points of Instance Dice on 18 px wide cells; it
     stays only where the challenge's own 256 x 256 maps are made."""
     height, width = array.shape[-2:]

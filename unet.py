@@ -38,7 +38,7 @@ class UNet(L.LightningModule):
     Input sides must be multiples of 2 ** (len(widths) - 1). What a checkpoint records about how it sees frames:
     patch_size 0 (the faithful recipe): frames resized to input_size x input_size. patch_size > 0 (the patch recipe):
     frames at the model's scale, where cells are `cell_width` px wide, predicted whole in tiles of tile_size;
-    `intensity` names the normalisation rule (dataset.to_uint8_range). The postprocessing thresholds are in the
+    `intensity` names the normalisation rule (data_files.to_uint8_range). The postprocessing thresholds are in the
     model's pixels; `min_area_fraction` (0: none, as the baseline) is chosen on the validation frames after training
     (train.py --min_area_fraction).
     """
