@@ -90,8 +90,8 @@ def parse_args(argv=None):
                              "weight map does (0: every pixel counts the same)")
     parser.add_argument("--elastic", type=float, default=0,
                         help="patch recipe: elastic deformation of each patch, random displacements of about this "
-                             "many px (standard deviation at control points at most 64 px apart, smooth between), bending and "
-                             "stretching cells into new shapes, for few annotated frames (0: none)")
+                             "many px (standard deviation at control points at most 64 px apart, smooth between), "
+                             "bending and stretching cells into new shapes, for few annotated frames (0: none)")
     parser.add_argument("--model_cell_width", type=float, default=None,
                         help="patch recipe: rescale the training frames so that cells are this wide (px), the "
                              "model's scale; default: the frames' own scale, or the --init_from model's")
