@@ -68,8 +68,6 @@ def test_elastic_deformation_bends_the_grid_smoothly(seed):
 
 
 def test_elastic_offsets_equal_a_cubic_zoom_of_random_control_points():
-    from scipy import ndimage
-
     from augment import elastic_offsets
 
     dy, dx = elastic_offsets(128, 3.0, np.random.default_rng(7))
