@@ -195,6 +195,18 @@ def read_tiff_2d(path: str) -> np.ndarray:
     array = np.squeeze(array)
     if array.ndim != 2:
         raise DataError(f"{path}: expected one 2-D single-channel frame, got an array of shape {array.shape}")
+    return check_pixels(array, path)
+
+
+def check_pixels(array: np.ndarray, path: str) -> np.ndarray:
+    """Pixels every reader can use: real numbers, none NaN or infinite (a float frame exported with gaps would
+    otherwise turn the percentile stretch, and every prediction after it, into NaN). Returned as it is."""
+    if array.dtype.kind == "c":
+        raise DataError(f"{path}: complex pixel values ({array.dtype}), expected real intensities")
+    if array.dtype.kind == "f":
+        bad = array.size - np.count_nonzero(np.isfinite(array))
+        if bad:
+            raise DataError(f"{path}: {bad} pixel(s) are NaN or infinite")
     return array
 
 

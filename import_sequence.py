@@ -22,7 +22,7 @@ import sys
 import numpy as np
 import tifffile
 
-from data_files import DataError, check_labels, error_line, read_tiff_2d, write_sequence
+from data_files import DataError, check_labels, check_pixels, error_line, read_tiff_2d, write_sequence
 
 
 def frame_number(name: str):
@@ -52,6 +52,7 @@ def read_frames(path: str) -> tuple[list[int], list]:
         stack = stack[None]
     if stack.ndim != 3:
         raise DataError(f"{path}: expected a stack of 2-D frames (T, H, W), got shape {stack.shape}")
+    check_pixels(stack, path)
     return list(range(len(stack))), list(stack)
 
 

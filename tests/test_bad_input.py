@@ -489,7 +489,16 @@ def rgb_image(root):
     return path, r"expected one 2-D single-channel frame, got an array of shape \(60, 76, 3\)"
 
 
-@pytest.mark.parametrize("damage", [corrupt, mask_of_other_size, float_mask, rgb_image])
+def image_with_gaps(root):
+    path = os.path.join(root, "a", "t0002.tif")
+    image = tifffile.imread(path).astype(np.float32)
+    image[3:5, 10:13] = np.nan
+    image[7, 7] = np.inf
+    tifffile.imwrite(path, image)
+    return path, r"7 pixel\(s\) are NaN or infinite"
+
+
+@pytest.mark.parametrize("damage", [corrupt, mask_of_other_size, float_mask, rgb_image, image_with_gaps])
 def test_bad_frames_stop_training_before_the_run_folder(tmp_path, damage, restore_sigterm):
     import train
 
@@ -579,6 +588,31 @@ def test_a_bad_frame_read_in_a_loader_worker_during_inference(data, checkpoint, 
                                             "--pred_dir", tmp_path / "pred", "--num_workers", 2, "--batch_size", 1,
                                             "--postprocess_workers", 0])
     assert re.fullmatch(rf"error: {re.escape(str(root / 'd' / 't0002.tif'))}: unreadable TIFF \(.+\)", message), message
+
+
+def test_frames_with_gaps_stop_inference_and_import_before_anything_is_written(data, checkpoint, tmp_path):
+    import import_sequence
+    import inference
+
+    root = tmp_path / "data"
+    (root / "d").mkdir(parents=True)
+    tifffile.imwrite(root / "d" / "t0000.tif", np.ones((40, 50), np.float32))
+    tifffile.imwrite(root / "d" / "t0001.tif", np.full((40, 50), np.nan, np.float32))
+    message = exit_message(inference.main, ["--root_dir", root, "--seqs", "d", "--from_checkpoint", checkpoint,
+                                            "--pred_dir", tmp_path / "pred"])
+    assert message == f"error: {root / 'd' / 't0001.tif'}: 2000 pixel(s) are NaN or infinite", message
+    # frames are read lazily (case 9's last paragraph): at most the sound frame's prediction is left, whole
+    left = os.listdir(tmp_path / "pred" / "d") if (tmp_path / "pred" / "d").exists() else []
+    assert set(left) <= {"t0000_256.tif"}, left
+    for name in left:
+        tifffile.imread(tmp_path / "pred" / "d" / name)
+    stack = np.ones((3, 40, 50), np.float32)
+    stack[2, 0, 0] = -np.inf
+    tifffile.imwrite(tmp_path / "movie.tif", stack)
+    message = exit_message(import_sequence.main, ["--images", tmp_path / "movie.tif", "--root_dir", tmp_path / "new",
+                                                  "--name", "a"])
+    assert message == f"error: {tmp_path / 'movie.tif'}: 1 pixel(s) are NaN or infinite", message
+    assert not (tmp_path / "new" / "a").exists()
 
 
 def test_fine_tuning_refuses_other_widths_before_the_run_folder(data, checkpoint, tmp_path, restore_sigterm):
