@@ -613,6 +613,11 @@ def test_frames_with_gaps_stop_inference_and_import_before_anything_is_written(d
                                                   "--name", "a"])
     assert message == f"error: {tmp_path / 'movie.tif'}: 1 pixel(s) are NaN or infinite", message
     assert not (tmp_path / "new" / "a").exists()
+    tifffile.imwrite(tmp_path / "movie.tif", stack[:2].astype(np.complex64))
+    message = exit_message(import_sequence.main, ["--images", tmp_path / "movie.tif", "--root_dir", tmp_path / "new",
+                                                  "--name", "a"])
+    assert message == f"error: {tmp_path / 'movie.tif'}: complex pixel values (complex64), expected real intensities"
+    assert not (tmp_path / "new" / "a").exists()
 
 
 def test_fine_tuning_refuses_other_widths_before_the_run_folder(data, checkpoint, tmp_path, restore_sigterm):
