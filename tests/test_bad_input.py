@@ -590,7 +590,7 @@ def test_a_bad_frame_read_in_a_loader_worker_during_inference(data, checkpoint, 
     assert re.fullmatch(rf"error: {re.escape(str(root / 'd' / 't0002.tif'))}: unreadable TIFF \(.+\)", message), message
 
 
-def test_frames_with_gaps_stop_inference_and_import_before_anything_is_written(data, checkpoint, tmp_path):
+def test_frames_with_gaps_stop_inference_and_import_with_one_line(data, checkpoint, tmp_path):
     import import_sequence
     import inference
 
