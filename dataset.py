@@ -93,19 +93,21 @@ class ScaledFrames(Dataset):
 
     `scale`: one factor for every frame, or one per sequence name ({sequence: factor}), so that sequences whose cells
     differ in width all reach the model's cell width. As a training set (`patches_per_epoch` given) an item is a
-    random augmented patch: (image 1 x P x P, target
-    P x P with augment.IGNORE outside the frame, the loss's weights P x P: 0 outside the frame, 1 + `contact_weight`
-    where touching cells meet, 1 elsewhere); an epoch is that many patches, however few the frames. As a validation set an item is a whole frame: (image 1 x H x W, target H x W, gt instances at
-    score_size x score_size, the frame's own size), H x W its size at the model's scale.
+    random augmented patch (`augment.random_patch`; `photometric` False leaves out its gamma, contrast, brightness,
+    blur and noise): (image 1 x P x P, target P x P with augment.IGNORE outside the frame, the loss's weights P x P:
+    0 outside the frame, 1 + `contact_weight` where touching cells meet, 1 elsewhere); an epoch is that many patches,
+    however few the frames. As a validation set an item is a whole frame: (image 1 x H x W, target H x W, gt
+    instances at score_size x score_size, the frame's own size), H x W its size at the model's scale.
     """
 
     def __init__(self, frames: list[Frame], scale: float | dict = 1.0, intensity: str = "percentile",
                  patch_size: int = 256, patches_per_epoch: int | None = None, augment: bool = True,
-                 score_size: int = 256, turn: bool = True, contact_weight: float = 0.0, elastic: float = 0.0):
+                 score_size: int = 256, turn: bool = True, contact_weight: float = 0.0, elastic: float = 0.0,
+                 photometric: bool = True):
         if not frames:
             raise DataError("no frames given")
         self.frames, self.patch_size, self.patches_per_epoch, self.augment = frames, patch_size, patches_per_epoch, augment
-        self.turn, self.contact_weight, self.elastic = turn, contact_weight, elastic
+        self.turn, self.contact_weight, self.elastic, self.photometric = turn, contact_weight, elastic, photometric
         self.images, self.masks, self.foreground, self.instances, self.shapes = [], [], [], [], []
         for frame in frames:
             frame_scale = scale[frame.sequence] if isinstance(scale, dict) else scale
@@ -129,7 +131,8 @@ class ScaledFrames(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
         k = int(rng.integers(len(self.frames)))
         patch, target, labels = random_patch(self.images[k], self.masks[k], self.patch_size, rng, self.foreground[k],
-                                             self.augment, turn=self.turn, elastic=self.elastic)
+                                             self.augment, turn=self.turn, elastic=self.elastic,
+                                             intensity=self.photometric)
         # the loss's weight per pixel: 0 outside the frame, 1 + contact_weight where touching cells meet
         weights = (target != IGNORE).astype(np.float32)
         if self.contact_weight:
@@ -174,12 +177,12 @@ class CellDataModule(L.LightningDataModule):
     def __init__(self, root_dir: str, train_seqs=None, val_seqs=None, batch_size: int = 16, input_size: int = 512,
                  num_workers: int = 2, patch_size: int = 0, patches_per_epoch: int = 512, scale: float = 1.0,
                  intensity: str = "baseline", augment: bool = True, turn: bool = True, contact_weight: float = 0.0,
-                 elastic: float = 0.0):
+                 elastic: float = 0.0, photometric: bool = True):
         super().__init__()
         self.root_dir, self.batch_size, self.input_size, self.num_workers = root_dir, batch_size, input_size, num_workers
         self.patch_size, self.patches_per_epoch, self.scale = patch_size, patches_per_epoch, scale
         self.intensity, self.augment, self.turn, self.contact_weight = intensity, augment, turn, contact_weight
-        self.elastic = elastic
+        self.elastic, self.photometric = elastic, photometric
         self.sequences = {
             "train": list(train_seqs or default_sequences(root_dir, "train")),
             "val": list(val_seqs or default_sequences(root_dir, "val")),
@@ -192,7 +195,8 @@ class CellDataModule(L.LightningDataModule):
         if self.patch_size and split == "train":
             return ScaledFrames(self.frames("train"), self.scale, self.intensity, self.patch_size,
                                 self.patches_per_epoch, self.augment, turn=self.turn,
-                                contact_weight=self.contact_weight, elastic=self.elastic)
+                                contact_weight=self.contact_weight, elastic=self.elastic,
+                                photometric=self.photometric)
         if self.patch_size:
             return ScaledFrames(self.frames(split), self.scale, self.intensity)
         return LabelledFrames(self.frames(split), self.input_size, train=split == "train", intensity=self.intensity)

@@ -92,6 +92,10 @@ def parse_args(argv=None):
                         help="patch recipe: elastic deformation of each patch, random displacements of about this "
                              "many px (standard deviation at control points at most 64 px apart, smooth between), "
                              "bending and stretching cells into new shapes, for few annotated frames (0: none)")
+    parser.add_argument("--no_intensity_augment", action="store_true",
+                        help="patch recipe: no gamma, contrast, brightness, blur or noise in the augmentation "
+                             "(scale, rotations and mirrors stay), for frames that all come from one microscope "
+                             "and one setting, where the shifts of grey value it imitates do not occur")
     parser.add_argument("--model_cell_width", type=float, default=None,
                         help="patch recipe: rescale the training frames so that cells are this wide (px), the "
                              "model's scale; default: the frames' own scale, or the --init_from model's")
@@ -422,7 +426,8 @@ def train(args):
                           input_size=args.input_size, num_workers=args.num_workers, patch_size=args.patch_size,
                           patches_per_epoch=args.patches_per_epoch, intensity=args.intensity,
                           augment=not args.no_augment, turn=not args.fixed_orientation,
-                          contact_weight=args.contact_weight, elastic=args.elastic)
+                          contact_weight=args.contact_weight, elastic=args.elastic,
+                          photometric=not args.no_intensity_augment)
     init = load_model(args.init_from) if args.init_from else None
     if init is not None and args.widths and tuple(args.widths) != tuple(init.hparams.widths):
         sys.exit(f"error: {args.init_from}: its U-Net has widths {tuple(init.hparams.widths)}, not --widths "

@@ -143,6 +143,33 @@ def test_patch_loss_weights_are_the_plain_loss_without_contact_weight(tmp_path):
     assert torch.allclose(model.training_step((patch[None], target[None], flat), 0), plain, atol=1e-6)
 
 
+def test_training_patches_keep_their_grey_values_without_intensity_augment(tmp_path):
+    """Two grey values, stretched to 0 and 255 by the percentile rule: turned, mirrored and zoomed, a patch still holds
+    exactly those two in the cells' cores and in the background away from the cells (normalised: 2 and -2); the
+    intensity augmentation moves them."""
+    mask = rods((96, 96))
+    image = np.where(mask > 0, 200, 40).astype(np.uint8)
+    write_sequence(str(tmp_path), "a", [(image, mask)])
+    frames = list_frames(str(tmp_path), "a", True)
+    moved = []
+    for seed in range(6):
+        for photometric in (False, True):
+            torch.manual_seed(seed)  # each patch's random generator is drawn from torch's
+            patch, target, _ = ScaledFrames(frames, patch_size=48, patches_per_epoch=1, photometric=photometric)[0]
+            # 2 px from other labels and from the patch's rim, beyond which a cell may end
+            far_background = ndimage.binary_erosion(target.numpy() == 0, iterations=2, border_value=0)
+            inner_core = ndimage.binary_erosion(target.numpy() == 1, iterations=2, border_value=0)
+            core, background = patch[0][torch.from_numpy(inner_core)], patch[0][torch.from_numpy(far_background)]
+            assert len(core) and len(background)
+            plain = torch.allclose(core, torch.tensor(2.0), atol=1e-4) and \
+                torch.allclose(background, torch.tensor(-2.0), atol=1e-4)
+            if photometric:
+                moved.append(not plain)
+            else:
+                assert plain and -2 - 1e-4 <= patch.min() and patch.max() <= 2 + 1e-4, seed
+    assert sum(moved) >= 4, moved  # each of its five changes is drawn with probability 1/4 to 1/2
+
+
 class PixelModel(nn.Module):
     """A stand-in with a known answer: dark pixels are core, grey ones border, bright ones background. Pixel-wise,
     so tiling cannot change what it predicts."""
@@ -345,6 +372,7 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     # an epoch of these 32 tiny patches in that time; 3 s did not, with two test processes on two busy cores)
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 500, "--max_time",
               "00:00:00:10", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, "--elastic", 2,
+              "--no_intensity_augment",
               *tiny, with_stderr=True)
     assert (tmp_path / "tuned" / "checkpoints" / "best.ckpt").is_file()
     assert 1 <= load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["epoch"] < 100
