@@ -16,7 +16,7 @@ from augment import IGNORE, foreground_pixels, median_cell_width, random_patch, 
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
 from conftest import write_dataset
 from data_files import list_frames, read_mask, rescale, to_uint8_range, write_sequence
-from dataset import ScaledFrames, UnlabelledFrames
+from dataset import CellDataModule, ScaledFrames, UnlabelledFrames
 from metrics import instance_dice
 from unet import UNet, load_checkpoint, sliding_window_logits, tile_starts
 
@@ -146,16 +146,17 @@ def test_patch_loss_weights_are_the_plain_loss_without_contact_weight(tmp_path):
 def test_training_patches_keep_their_grey_values_without_intensity_augment(tmp_path):
     """Two grey values, stretched to 0 and 255 by the percentile rule: turned, mirrored and zoomed, a patch still holds
     exactly those two in the cells' cores and in the background away from the cells (normalised: 2 and -2); the
-    intensity augmentation moves them."""
+    intensity augmentation moves them. Built as train.py builds them, through the data module."""
     mask = rods((96, 96))
     image = np.where(mask > 0, 200, 40).astype(np.uint8)
     write_sequence(str(tmp_path), "a", [(image, mask)])
-    frames = list_frames(str(tmp_path), "a", True)
     moved = []
     for seed in range(6):
         for photometric in (False, True):
             torch.manual_seed(seed)  # each patch's random generator is drawn from torch's
-            patch, target, _ = ScaledFrames(frames, patch_size=48, patches_per_epoch=1, photometric=photometric)[0]
+            data = CellDataModule(str(tmp_path), ["a"], ["a"], patch_size=48, patches_per_epoch=1,
+                                  intensity="percentile", photometric=photometric)
+            patch, target, _ = data.dataset("train")[0]
             # 2 px from other labels and from the patch's rim, beyond which a cell may end
             far_background = ndimage.binary_erosion(target.numpy() == 0, iterations=2, border_value=0)
             inner_core = ndimage.binary_erosion(target.numpy() == 1, iterations=2, border_value=0)
@@ -168,6 +169,25 @@ def test_training_patches_keep_their_grey_values_without_intensity_augment(tmp_p
             else:
                 assert plain and -2 - 1e-4 <= patch.min() and patch.max() <= 2 + 1e-4, seed
     assert sum(moved) >= 4, moved  # each of its five changes is drawn with probability 1/4 to 1/2
+
+
+def test_train_hands_no_intensity_augment_to_the_data_module(tmp_path, monkeypatch):
+    import train
+    from data_files import DataError
+
+    seen = []
+
+    class Recording(CellDataModule):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs["photometric"])
+            raise DataError("recorded")  # stop before any data is read
+
+    monkeypatch.setattr(train, "CellDataModule", Recording)
+    for flags in ([], ["--no_intensity_augment"]):
+        with pytest.raises(SystemExit, match="recorded"):
+            train.main(["--root_dir", str(tmp_path), "--out_dir", str(tmp_path / "run"), *flags])
+    assert seen == [True, False]
+    assert not (tmp_path / "run").exists()
 
 
 class PixelModel(nn.Module):
