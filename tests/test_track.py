@@ -116,8 +116,8 @@ def test_track_py_writes_the_ctc_result(tmp_path):
     for t, frame in enumerate(hand_built_sequence()):  # our predictions' names, in an arbitrary write order
         tifffile.imwrite(labels / f"t{t:04d}_256.tif", frame)
     assert run_track("--labels", labels, "--out_dir", tmp_path / "res") == (0, "")
-    assert sorted(os.listdir(tmp_path / "res")) == [f"mask{t:03d}.tif" for t in range(6)] + ["res_track.txt",
-                                                                                           "tracks.csv"]
+    assert sorted(os.listdir(tmp_path / "res")) == ["drift.csv"] + [f"mask{t:03d}.tif" for t in range(6)] + [
+        "res_track.txt", "tracks.csv"]
     assert [tuple(row) for row in read_tracks(str(tmp_path / "res" / "res_track.txt"))] == EXPECTED_TRACKS
     assert (tmp_path / "res" / "res_track.txt").read_text().splitlines()[4] == "5 3 5 2"
     assert list(pd.read_csv(tmp_path / "res" / "tracks.csv").columns) == track.TRACK_COLUMNS
