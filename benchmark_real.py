@@ -1,7 +1,8 @@
-"""Quality on real microscopy, recipes side by side: scores on frames used for neither training nor model selection.
+"""Quality on real microscopy, recipes and the field's standard tool side by side: scores on frames used for neither
+training nor model selection, against training CPU-seconds.
 
     python benchmark_real.py                                   # every dataset, every recipe (hours on a 2-core CPU)
-    python benchmark_real.py --datasets trpL --recipes ceiling,patches
+    python benchmark_real.py --datasets trpL --recipes ceiling,patches,cellpose
     python benchmark_real.py --faithful_epochs 30              # a shorter faithful run, named as such in the table
 
 Data (read from ../shared/real, never copied into the repository; written as sequences under --out_dir/data):
@@ -10,17 +11,32 @@ Data (read from ../shared/real, never copied into the repository; written as seq
 - usiigaci: phase-contrast mammalian cells, 1022 x 1024: a's frames 0-17 and b's even frames train (30), a's 18-21
   select, b's 11 odd frames are the test (SPLITS says why); usiigaci_by_sequence: the first split, a's frames 0-17
   train, 18-21 select, b's 23 frames test.
+- simulated: simulate.py's three sequences of 20 frames of 256 x 256 (SIMULATE_ARGS): a trains, b selects, c tests.
 
 Rows per dataset: the method's ceiling (ground truth -> border-core targets -> postprocessing), the faithful recipe
-(SPEC §4), the patch recipe from scratch, and, where a checkpoint is given (--generalist), that model zero-shot and
-fine-tuned. Instance Dice on the test frames at 256 x 256 (the challenge's) and at the frames' own size; the CPU-seconds
-of each training (user + system of the training process and its children, from os.wait4) and its wall time, and the
-size filter its best.ckpt chose on the validation frames (min_area_fraction). Writes the table as CSV and JSON into
---out_dir.
+(SPEC §4), the patch recipe from scratch, where a checkpoint is given (--generalist) that model zero-shot and
+fine-tuned, and Cellpose 3 trained from scratch with its command-line defaults (peer_cellpose.py, in its own venv
+.venv-cellpose, created when missing): one training run of its 500 epochs (or up to --cellpose_max_cpu_seconds),
+a checkpoint every 10 epochs, scored at the checkpoints first past 1x, 2x and 4x the patch recipe's CPU-seconds
+(CELLPOSE_BUDGETS), every --cellpose_score_every epochs and its last. Cellpose selects no checkpoint: sequence b
+only gives its test loss in the log. A Cellpose run whose folder already holds checkpoints.json is reused, not
+retrained (delete the folder to retrain).
+
+Scores, all on the test frames with eval.py's functions: Instance Dice at 256 x 256 (the challenge's) and at the
+frames' own size, AP at IoU 0.5 (TP / (TP + FP + FN), counts pooled over the frames) at both sizes. Cellpose's masks
+are written at the frames' own size and brought to 256 x 256 by the same rule as ours. Training CPU-seconds: user +
+system of the training process and its children (os.wait4; Cellpose's: at each saved checkpoint, in-process); wall
+time; the size filter best.ckpt chose (min_area_fraction). cellpose_at_equal_cpu: Cellpose's score (256) at the row's
+CPU-seconds, interpolated between its checkpoints; ahead_of_cellpose: the row's score minus it.
+
+Writes the table as CSV and JSON into --out_dir (rows of earlier calls kept unless rerun), the plot of score against
+CPU-seconds (--plot), and the table as markdown between the markers of --results_md.
 """
 import argparse
 import json
 import os
+import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -29,14 +45,28 @@ import numpy as np
 import pandas as pd
 
 from augment import median_cell_width
-from border_core import border_core_targets, instances_from_border_core, resize_nearest
-from data_files import DataError, list_frames, read_mask, read_tiff_2d, write_sequence
-from eval import evaluate
-from metrics import instance_dice
+from border_core import border_core_targets, instances_at_score_size, instances_from_border_core, resize_nearest
+from data_files import (DataError, atomic_write, list_frames, numbered_files, read_mask, read_prediction,
+                        read_tiff_2d, write_sequence, write_tiff_atomically, NATIVE_PREDICTION_PATTERN,
+                        narrowest_unsigned, prediction_path)
+from eval import evaluate, sequence_scores
+from metrics import instance_dice, pooled_ap
 from unet import load_checkpoint
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SHARED_REAL = os.path.join(ROOT, "..", "shared", "real")
+
+# train.py's command lines, in one place: what changes when train.py's flags change
+TRAIN_FLAGS = []  # every training run
+FAITHFUL_FLAGS = ["--config", "recipes/faithful.yaml"]
+PATCHES_FLAGS = []  # the recommended recipe, train.py's default (recipes/patches.yaml)
+
+# the peer
+CELLPOSE_VENV = os.path.join(ROOT, ".venv-cellpose")
+CELLPOSE_TRAIN_FLAGS = ["--min_train_masks", "0", "--save_every", "10"]  # every training frame, as ours (docs/peers.md)
+CELLPOSE_BUDGETS = (1, 2, 4)  # multiples of the patch recipe's CPU-seconds at which Cellpose is scored
+SIMULATE_ARGS = ["--sequences", "3", "--without_gt", "0", "--frames", "20", "--size", "256", "--seed", "0"]
+RESULTS_START, RESULTS_END = "<!-- benchmark_real:start -->", "<!-- benchmark_real:end -->"
 
 # name -> train (a), select (b) and test (c) sequences, each made of pieces: (source, frame range). A source is a path
 # under ../shared/real: a sequence folder with its masks (challenge or CTC layout), or the stem of an image stack and
@@ -53,6 +83,7 @@ SPLITS = {
     "usiigaci_by_sequence": {"a": [("usiigaci/a", slice(0, 18))], "b": [("usiigaci/a", slice(18, 22))],
                              "c": [("usiigaci/b", slice(0, None))]},
 }
+DATASETS = [*SPLITS, "simulated"]
 
 
 def source_frames(real_dir: str, source: str, frames: slice):
@@ -67,6 +98,14 @@ def source_frames(real_dir: str, source: str, frames: slice):
 
 def prepare(real_dir: str, dataset: str, data_root: str) -> str:
     root = os.path.join(data_root, dataset)
+    if dataset == "simulated":
+        if not os.path.isdir(root):  # written beside, then renamed: a half-written set is never taken for whole
+            staging = root + ".partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            subprocess.run([sys.executable, "simulate.py", "--out_dir", staging, *SIMULATE_ARGS], cwd=ROOT,
+                           check=True, stdout=subprocess.DEVNULL)
+            os.replace(staging, root)
+        return root
     for sequence, pieces in SPLITS[dataset].items():
         if not os.path.isdir(os.path.join(root, sequence)):
             write_sequence(root, sequence, [pair for source, frames in pieces
@@ -80,9 +119,11 @@ def ceiling(root: str, sequence: str = "c") -> dict:
     for frame in list_frames(root, sequence, with_masks=True):
         gt = read_mask(frame.mask_path)
         instances = instances_from_border_core(border_core_targets(gt))
-        native.append(instance_dice(gt, instances))
-        small.append(instance_dice(resize_nearest(gt, (256, 256)), resize_nearest(instances, (256, 256))))
-    return {"dice_256": float(np.mean(small)), "dice_native": float(np.mean(native))}
+        native.append((gt, instances))
+        small.append((resize_nearest(gt, (256, 256)), resize_nearest(instances, (256, 256))))
+    return {"dice_256": float(np.mean([instance_dice(*pair) for pair in small])),
+            "dice_native": float(np.mean([instance_dice(*pair) for pair in native])),
+            "ap50_256": pooled_ap(small), "ap50_native": pooled_ap(native)}
 
 
 def run_timed(command: list[str], log_path: str) -> tuple[float, float]:
@@ -92,17 +133,23 @@ def run_timed(command: list[str], log_path: str) -> tuple[float, float]:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
-        sys.exit(f"error: {log_path}: {' '.join(command[:2])} failed, see the log")
+        sys.exit(f"error: {log_path}: {' '.join(command[:3])} failed, see the log")
     return usage.ru_utime + usage.ru_stime, time.perf_counter() - start
 
 
+def test_scores(pred_dir: str, root: str) -> dict:
+    """Instance Dice and AP at IoU 0.5 of the predictions of the test sequence c, at 256 x 256 and at native size."""
+    small, native = evaluate(pred_dir, root, ["c"]), evaluate(pred_dir, root, ["c"], native=True)
+    return {"dice_256": float(small["score"].mean()), "dice_native": float(native["score"].mean()),
+            "ap50_256": sequence_scores(small)["ap50"], "ap50_native": sequence_scores(native)["ap50"]}
+
+
 def score(root: str, checkpoint: str, pred_dir: str, log_dir: str, extra=()) -> dict:
-    """Predict the test sequence c with a checkpoint and score it at 256 and at native size."""
+    """Predict the test sequence c with a checkpoint and score it."""
     os.makedirs(log_dir, exist_ok=True)
     run_timed([sys.executable, "inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint,
                "--pred_dir", pred_dir, "--native", *extra], os.path.join(log_dir, "inference.log"))
-    return {"dice_256": float(evaluate(pred_dir, root, ["c"])["score"].mean()),
-            "dice_native": float(evaluate(pred_dir, root, ["c"], native=True)["score"].mean())}
+    return test_scores(pred_dir, root)
 
 
 def training_cell_width(root: str) -> float:
@@ -114,17 +161,107 @@ def training_cell_width(root: str) -> float:
 
 def train_and_score(root: str, run_dir: str, train_args: list[str]) -> dict:
     os.makedirs(run_dir, exist_ok=True)
-    cpu, wall = run_timed([sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
-                           "--out_dir", os.path.join(run_dir, "run"), "--progress_bar", "off", *train_args],
-                          os.path.join(run_dir, "train.log"))
+    command = [sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
+               "--out_dir", os.path.join(run_dir, "run"), *TRAIN_FLAGS, *train_args]
+    cpu, wall = run_timed(command, os.path.join(run_dir, "train.log"))
     best = os.path.join(run_dir, "run", "checkpoints", "best.ckpt")
     result = score(root, best, os.path.join(run_dir, "pred"), run_dir,
                    ["--cell_width", f"{training_cell_width(root):.2f}"])
     metrics = pd.read_csv(os.path.join(run_dir, "run", "metrics.csv"))
     result.update(cpu_seconds=cpu, wall_seconds=wall, epochs=int(metrics["epoch"].max() + 1),
                   best_val=float(metrics["val_instance_dice"].max()),
-                  min_area_fraction=float(load_checkpoint(best)["hyper_parameters"].get("min_area_fraction", 0)))
+                  min_area_fraction=float(load_checkpoint(best)["hyper_parameters"].get("min_area_fraction", 0)),
+                  command=shown_command(command))
     return result
+
+
+def shown_command(command: list[str]) -> str:
+    """A command as a user would type it: `python` for this interpreter, paths relative to the repository."""
+    words = ["python" if word == sys.executable else os.path.relpath(word, ROOT) if os.path.isabs(word) else word
+             for word in command]
+    return " ".join(words)
+
+
+# ---- the peer: Cellpose 3 from scratch --------------------------------------------------------------------------
+
+def cellpose_python(log_dir: str) -> str:
+    """The peer venv's interpreter, the venv created first where it is missing (peer_cellpose.py install)."""
+    python = os.path.join(CELLPOSE_VENV, "bin", "python")
+    installed = os.path.isfile(python) and subprocess.run([python, "-c", "import cellpose.models"],
+                                                          capture_output=True).returncode == 0
+    if not installed:
+        os.makedirs(log_dir, exist_ok=True)
+        run_timed([sys.executable, "peer_cellpose.py", "install", "--venv", CELLPOSE_VENV],
+                  os.path.join(log_dir, "install.log"))
+    return python
+
+
+def train_cellpose(root: str, run_dir: str, max_cpu_seconds: float) -> tuple[list[dict], str]:
+    """Cellpose's checkpoints ({epochs, model, cpu_seconds, ...} each) and its training command; trained unless its
+    checkpoints.json exists."""
+    record = os.path.join(run_dir, "run", "checkpoints.json")
+    command = [cellpose_python(run_dir), "peer_cellpose.py", "train", "--root_dir", root, "--train_seqs", "a",
+               "--test_seqs", "b", "--out_dir", os.path.join(run_dir, "run"), *CELLPOSE_TRAIN_FLAGS,
+               "--max_cpu_seconds", str(max_cpu_seconds)]
+    if not os.path.isfile(record):
+        os.makedirs(run_dir, exist_ok=True)
+        run_timed(command, os.path.join(run_dir, "train.log"))
+    with open(record) as file:
+        return json.load(file)["checkpoints"], shown_command(command).replace(CELLPOSE_VENV, ".venv-cellpose")
+
+
+def chosen_checkpoints(checkpoints: list[dict], reference_cpu: float | None, every: int) -> list[dict]:
+    """The checkpoints to score: the first past each multiple of the reference CPU-seconds (CELLPOSE_BUDGETS), every
+    `every` epochs, and the last; in order of training."""
+    def first_past(key, value):
+        return next((c["epochs"] for c in checkpoints if c[key] >= value), None)
+
+    chosen = {checkpoints[-1]["epochs"]}
+    chosen |= {first_past("epochs", epochs) for epochs in range(every, checkpoints[-1]["epochs"] + 1, every or 1)
+               } if every else set()
+    chosen |= {first_past("cpu_seconds", multiple * reference_cpu) for multiple in CELLPOSE_BUDGETS
+               } if reference_cpu else set()
+    return [c for c in checkpoints if c["epochs"] in chosen]
+
+
+def write_score_size_predictions(pred_dir: str, sequence: str = "c"):
+    """Each native label map <seq>/mask<N>.tif -> the challenge's <seq>/t<N>_256.tif, by our own rule."""
+    for number, path in numbered_files(os.path.join(pred_dir, sequence), NATIVE_PREDICTION_PATTERN).items():
+        native = read_prediction(path)
+        write_tiff_atomically(prediction_path(pred_dir, sequence, number),
+                              narrowest_unsigned(instances_at_score_size(native, native.shape)))
+
+
+def cellpose_rows(root: str, run_dir: str, reference_cpu: float | None, every: int, max_cpu_seconds: float):
+    checkpoints, train_command = train_cellpose(root, run_dir, max_cpu_seconds)
+    python = cellpose_python(run_dir)
+    rows = []
+    for checkpoint in chosen_checkpoints(checkpoints, reference_cpu, every):
+        pred_dir = os.path.join(run_dir, f"pred_{checkpoint['epochs']:04d}")
+        if not os.path.isdir(os.path.join(pred_dir, "c")):
+            run_timed([python, "peer_cellpose.py", "predict", "--model", os.path.join(run_dir, "run", checkpoint["model"]),
+                       "--root_dir", root, "--seqs", "c", "--pred_dir", pred_dir],
+                      os.path.join(run_dir, f"predict_{checkpoint['epochs']:04d}.log"))
+        write_score_size_predictions(pred_dir)
+        rows.append({"recipe": f"cellpose ({checkpoint['epochs']} epochs)", **test_scores(pred_dir, root),
+                     "cpu_seconds": checkpoint["cpu_seconds"], "wall_seconds": checkpoint["wall_seconds"],
+                     "epochs": checkpoint["epochs"],
+                     "command": f"{train_command}  # scored: {checkpoint['model']}"})
+    return rows
+
+
+def add_cellpose_at_equal_cpu(rows: list[dict]):
+    """cellpose_at_equal_cpu and ahead_of_cellpose for every other trained row: Cellpose's Instance Dice (256) at the
+    row's CPU-seconds, linear between its scored checkpoints (none outside their range)."""
+    for row in rows:
+        peer = sorted((r["cpu_seconds"], r["dice_256"]) for r in rows
+                      if r["dataset"] == row["dataset"] and r["recipe"].startswith("cellpose"))
+        cpu = row.get("cpu_seconds")
+        if row["recipe"].startswith("cellpose") or not peer or cpu is None or not np.isfinite(cpu):
+            continue
+        if peer[0][0] <= cpu <= peer[-1][0]:
+            row["cellpose_at_equal_cpu"] = float(np.interp(cpu, *zip(*peer)))
+            row["ahead_of_cellpose"] = row["dice_256"] - row["cellpose_at_equal_cpu"]
 
 
 def add_cost_to_beat_faithful(rows: list[dict], out_dir: str):
@@ -141,21 +278,135 @@ def add_cost_to_beat_faithful(rows: list[dict], out_dir: str):
             row["cpu_to_beat_faithful"] = float(cost[reached[0]]) if len(reached) else float("nan")
 
 
+# ---- outputs ----------------------------------------------------------------------------------------------------
+
+def machine_name() -> str:
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as file:
+            model = next(line.split(":", 1)[1].strip() for line in file if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{os.cpu_count()}-core CPU ({model})"
+
+
+def merge_rows(previous: list[dict], new: list[dict]) -> list[dict]:
+    """Earlier rows, each replaced by a new row of the same dataset and recipe; new ones appended."""
+    keys = {(row["dataset"], row["recipe"]) for row in new}
+    return [row for row in previous if (row["dataset"], row["recipe"]) not in keys] + new
+
+
+def format_value(value, digits: int = 4) -> str:
+    """A table cell: `digits` decimals (negative: that many, with a sign), 0: a whole number with thousands' commas."""
+    if value is None or (isinstance(value, float) and not np.isfinite(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if digits == 0 else f"{value:+.{-digits}f}" if digits < 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def results_markdown(rows: list[dict]) -> str:
+    """The table of every dataset, its data and machine, each row's command below the table."""
+    lines = ["Written by `python benchmark_real.py` (its docstring says what each column is). Test frames used for "
+             "neither training nor model selection; Instance Dice and AP at IoU 0.5 at 256 × 256 and at the frames' "
+             "own size; training CPU-seconds; *vs Cellpose*: the row's Instance Dice (256) minus Cellpose's at the "
+             "same CPU-seconds, interpolated between its checkpoints.", ""]
+    for dataset in dict.fromkeys(row["dataset"] for row in rows):
+        group = [row for row in rows if row["dataset"] == dataset]
+        lines += [f"### {dataset}", "", f"Data: `{group[0].get('data', '')}`. Machine: {group[0].get('machine', '')}.",
+                  "", "| recipe | Instance Dice 256 | native | AP50 256 | AP50 native | training CPU-s | vs Cellpose |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        for row in group:
+            lines.append(f"| {row['recipe']} | {format_value(row.get('dice_256'))} | "
+                         f"{format_value(row.get('dice_native'))} | {format_value(row.get('ap50_256'))} | "
+                         f"{format_value(row.get('ap50_native'))} | {format_value(row.get('cpu_seconds'), 0)} | "
+                         f"{format_value(row.get('ahead_of_cellpose'), -3)} |")
+        lines += ["", "Commands:", ""]
+        lines += [f"- {row['recipe']}: `{row['command']}`" for row in group if row.get("command")]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results_block(path: str, text: str):
+    """Replace what lies between RESULTS_START and RESULTS_END in `path` (the rest of the file untouched); a file
+    without the markers gets the block at its end, a missing file just the block."""
+    old = open(path).read() if os.path.isfile(path) else ""
+    block = f"{RESULTS_START}\n{text.rstrip()}\n{RESULTS_END}"
+    if RESULTS_START in old and RESULTS_END in old.split(RESULTS_START, 1)[1]:
+        before, rest = old.split(RESULTS_START, 1)
+        new = before + block + rest.split(RESULTS_END, 1)[1]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + ("\n" if old else "") + block + "\n"
+
+    def write(temporary):
+        with open(temporary, "w") as file:
+            file.write(new)
+    atomic_write(path, write, ".md.tmp")
+
+
+def plot_race(rows: list[dict], path: str):
+    """Instance Dice (256) against training CPU-seconds, a panel per dataset: one line per tool or recipe (Cellpose's
+    checkpoints; each of our recipes, a point per run), the method's ceiling dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    for axis, dataset in zip(axes[0], datasets):
+        group = [row for row in rows if row["dataset"] == dataset]
+        lines = {}
+        for row in group:
+            if row["recipe"] == "ceiling":
+                axis.axhline(row["dice_256"], color="grey", linestyle="--", linewidth=1, label="ceiling")
+            elif np.isfinite(row.get("cpu_seconds", np.nan)):
+                tool = "Cellpose 3 (from scratch)" if row["recipe"].startswith("cellpose") else row["recipe"]
+                lines.setdefault(tool, []).append((row["cpu_seconds"], row["dice_256"]))
+        for tool, points in lines.items():
+            cpu, dice = zip(*sorted(points))
+            axis.plot(cpu, dice, marker="o", markersize=3, label=tool)
+        axis.set_title(dataset)
+        axis.set_xlabel("training CPU-seconds")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Instance Dice (256 × 256), test frames")
+    axes[0][-1].legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"), ".png.tmp")
+    plt.close(figure)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--real_dir", default=SHARED_REAL, help="the real data (see its README)")
-    parser.add_argument("--out_dir", default="runs/benchmark_real")
-    parser.add_argument("--datasets", default="trpL,usiigaci")
-    parser.add_argument("--recipes", default="ceiling,faithful,patches,zero_shot,fine_tuned")
-    parser.add_argument("--faithful_epochs", type=int, default=100, help="SPEC §4: 100")
+    parser.add_argument("--real_dir", default=SHARED_REAL, help="the real data (see its README) (default %(default)s)")
+    parser.add_argument("--out_dir", default="runs/benchmark_real", help="(default %(default)s)")
+    parser.add_argument("--datasets", default="trpL,usiigaci,simulated",
+                        help=f"comma-separated, of {','.join(DATASETS)} (default %(default)s)")
+    parser.add_argument("--recipes", default="ceiling,faithful,patches,zero_shot,fine_tuned,cellpose",
+                        help="(default %(default)s)")
+    parser.add_argument("--faithful_epochs", type=int, default=100, help="SPEC §4: 100 (default %(default)s)")
     parser.add_argument("--patch_args", default="", help="extra train.py arguments of the patch recipe")
     parser.add_argument("--generalist", default=None, help="a checkpoint for the zero-shot and fine-tuned rows")
+    parser.add_argument("--cellpose_max_cpu_seconds", type=float, default=0,
+                        help="stop Cellpose's training after the first checkpoint past this (0: its 500 epochs) "
+                             "(default %(default)s)")
+    parser.add_argument("--cellpose_score_every", type=int, default=50,
+                        help="score Cellpose's checkpoint every this many epochs besides the budgets "
+                             "(default %(default)s)")
+    parser.add_argument("--plot", default="readme_imgs/peer_race.png", help="(default %(default)s)")
+    parser.add_argument("--results_md", default="docs/results.md",
+                        help=f"the table goes between {RESULTS_START} and {RESULTS_END} here (default %(default)s)")
     args = parser.parse_args(argv)
-    if not os.path.isdir(args.real_dir):
+    datasets, recipes = args.datasets.split(","), args.recipes.split(",")
+    unknown = sorted(set(datasets) - set(DATASETS))
+    if unknown:
+        sys.exit(f"error: --datasets: unknown {','.join(unknown)} (known: {','.join(DATASETS)})")
+    if set(datasets) - {"simulated"} and not os.path.isdir(args.real_dir):
         sys.exit(f"error: {args.real_dir}: real data not found (see ../shared/real/README.md)")
-    recipes = args.recipes.split(",")
+    table_path = os.path.join(args.out_dir, "benchmark_real.json")
+    previous = json.load(open(table_path)) if os.path.isfile(table_path) else []
     rows = []
-    for dataset in args.datasets.split(","):
+    for dataset in datasets:
         try:
             root = prepare(args.real_dir, dataset, os.path.join(args.out_dir, "data"))
         except DataError as error:
@@ -164,31 +415,50 @@ def main(argv=None):
         todo = {
             "ceiling": lambda: ceiling(root),
             "faithful": lambda: train_and_score(root, os.path.join(out, "faithful"), [
-                "--recipe", "faithful", "--num_epochs", str(args.faithful_epochs)]),
+                *FAITHFUL_FLAGS, "--num_epochs", str(args.faithful_epochs)]),
             "patches": lambda: train_and_score(root, os.path.join(out, "patches"), [
-                "--recipe", "patches", *args.patch_args.split()]),
+                *PATCHES_FLAGS, *args.patch_args.split()]),
         }
         if args.generalist:
             todo["zero_shot"] = lambda: score(root, args.generalist, os.path.join(out, "zero_shot", "pred"),
                                               os.path.join(out, "zero_shot"))
             todo["fine_tuned"] = lambda: train_and_score(root, os.path.join(out, "fine_tuned"), [
-                "--recipe", "patches", "--init_from", args.generalist, *args.patch_args.split()])
+                *PATCHES_FLAGS, "--init_from", args.generalist, *args.patch_args.split()])
+        context = {"dataset": dataset, "data": os.path.relpath(root, ROOT), "machine": machine_name()}
         for recipe in recipes:
-            if recipe not in todo:
+            if recipe == "cellpose":
+                ours = [r for r in merge_rows(previous, rows) if r["dataset"] == dataset and r["recipe"] == "patches"]
+                print(f"{dataset}: cellpose ...", flush=True)
+                new = [{**context, **row} for row in cellpose_rows(
+                    root, os.path.join(out, "cellpose"), ours[0]["cpu_seconds"] if ours else None,
+                    args.cellpose_score_every, args.cellpose_max_cpu_seconds)]
+            elif recipe in todo:
+                label = f"faithful ({args.faithful_epochs} epochs)" if recipe == "faithful" else recipe
+                print(f"{dataset}: {label} ...", flush=True)
+                new = [{**context, "recipe": label, **todo[recipe]()}]
+            else:
                 continue
-            label = f"faithful ({args.faithful_epochs} epochs)" if recipe == "faithful" else recipe
-            print(f"{dataset}: {label} ...", flush=True)
-            row = {"dataset": dataset, "recipe": label, **todo[recipe]()}
-            rows.append(row)
-            print("  " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
-                                   if k not in ("dataset", "recipe")), flush=True)
+            rows += new
+            for row in new:
+                print(f"  {row['recipe']}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                        if isinstance(v, float)), flush=True)
+    rows = merge_rows(previous, rows)
     add_cost_to_beat_faithful(rows, args.out_dir)
+    add_cellpose_at_equal_cpu(rows)
     table = pd.DataFrame(rows)
     os.makedirs(args.out_dir, exist_ok=True)
-    table.to_csv(os.path.join(args.out_dir, "benchmark_real.csv"), index=False)
-    with open(os.path.join(args.out_dir, "benchmark_real.json"), "w") as file:
-        json.dump(rows, file, indent=2)
-    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    atomic_write(os.path.join(args.out_dir, "benchmark_real.csv"), lambda tmp: table.to_csv(tmp, index=False), ".tmp")
+    def write_json(temporary):
+        with open(temporary, "w") as file:
+            json.dump(rows, file, indent=2)
+    atomic_write(table_path, write_json, ".tmp")
+    if args.plot:
+        plot_race(rows, args.plot)
+    if args.results_md:
+        write_results_block(args.results_md, results_markdown(rows))
+    shown = [c for c in ("dataset", "recipe", "dice_256", "dice_native", "ap50_256", "ap50_native", "cpu_seconds",
+                         "ahead_of_cellpose") if c in table]
+    print(table[shown].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
 
 
 if __name__ == "__main__":

@@ -153,3 +153,19 @@ def mean_ap(counts: np.ndarray) -> float:
     """Mean of AP over the rows of iou_counts(..., IOU_THRESHOLDS) (or their sums over frames)."""
     counts = np.asarray(counts)
     return float(np.mean(detection_scores(counts[:, 0], counts[:, 1], counts[:, 2])["ap"]))
+
+
+def pooled_ap(pairs, threshold: float = 0.5) -> float:
+    """AP = TP / (TP + FP + FN) at one IoU threshold over frames, (GT, prediction) pairs, the counts pooled over the
+    frames first (as eval.py's line per sequence and StarDist's matching_dataset do), not AP averaged per frame.
+
+    >>> gt = np.array([[1, 1, 0, 2, 2, 0, 3, 3]])
+    >>> pooled_ap([(gt, gt)])
+    1.0
+    >>> pooled_ap([(gt, np.where(gt == 3, 0, gt))])     # one cell of three missed: 2 / 3
+    0.6666666666666666
+    >>> pooled_ap([(gt, gt), (np.array([[1, 1]]), np.array([[0, 0]]))])   # pooled 3 / 4; per frame would give 1/2
+    0.75
+    """
+    counts = sum((iou_counts(gt, pred, (threshold,))[0] for gt, pred in pairs), np.zeros(3, np.int64))
+    return float(detection_scores(*counts)["ap"])

@@ -1,0 +1,177 @@
+"""The peer (Cellpose 3, peer_cellpose.py) in benchmark_real.py: its masks go through our conversion and scoring; the
+pieces of the side-by-side table. None of these needs Cellpose installed."""
+import doctest
+import json
+import os
+
+import numpy as np
+import pytest
+import tifffile
+
+import benchmark_real
+import metrics
+import peer_cellpose
+from conftest import write_dataset
+from data_files import list_frames, prediction_name, read_mask
+from eval import evaluate, sequence_scores
+
+
+def write_native_predictions(root, pred_dir, transform=lambda labels: labels):
+    """Cellpose-style output: one label TIFF per test frame at the frame's own size, written as peer_cellpose does."""
+    os.makedirs(os.path.join(pred_dir, "c"), exist_ok=True)
+    for frame in list_frames(root, "c", with_masks=True):
+        peer_cellpose.write_labels_atomically(
+            os.path.join(pred_dir, "c", peer_cellpose.native_prediction_name(frame.number)),
+            transform(read_mask(frame.mask_path)))
+
+
+def test_ground_truth_through_the_peer_path_scores_one(tmp_path):
+    root, pred_dir = str(tmp_path / "data"), str(tmp_path / "pred")
+    write_dataset(root, frames=3, shape=(60, 76))
+    write_native_predictions(root, pred_dir, lambda labels: labels.astype(np.uint32) * 7)  # other ids, other dtype
+    benchmark_real.write_score_size_predictions(pred_dir)
+    assert sorted(os.listdir(os.path.join(pred_dir, "c"))) == sorted(
+        [prediction_name(n) for n in range(3)] + [prediction_name(n, native=True) for n in range(3)])
+    assert tifffile.imread(os.path.join(pred_dir, "c", prediction_name(0))).shape == (256, 256)
+    assert benchmark_real.test_scores(pred_dir, root) == {"dice_256": 1.0, "dice_native": 1.0, "ap50_256": 1.0,
+                                                          "ap50_native": 1.0}
+
+
+def test_a_missed_cell_costs_the_peer_what_it_costs_us(tmp_path):
+    root, pred_dir = str(tmp_path / "data"), str(tmp_path / "pred")
+    write_dataset(root, frames=2, shape=(60, 76))
+    write_native_predictions(root, pred_dir, lambda labels: np.where(labels == 1, 0, labels))
+    benchmark_real.write_score_size_predictions(pred_dir)
+    scores = benchmark_real.test_scores(pred_dir, root)
+    masks = [read_mask(f.mask_path) for f in list_frames(root, "c", with_masks=True)]
+    counts = [len(np.unique(m)) - 1 for m in masks]
+    # each frame: n - 1 matches of Dice 1 among n entries; AP pooled: (N - 2) / N
+    assert scores["dice_native"] == pytest.approx(np.mean([(n - 1) / n for n in counts]))
+    assert scores["ap50_native"] == pytest.approx((sum(counts) - 2) / sum(counts))
+
+
+def test_the_peer_names_its_masks_as_inference_does():
+    for number in (0, 7, 42, 1234):
+        assert peer_cellpose.native_prediction_name(number) == prediction_name(number, native=True)
+
+
+def test_pooled_ap_known_answers_and_eval_agrees(tmp_path):
+    assert doctest.testmod(metrics).failed == 0
+    gt = np.zeros((20, 20), np.uint16)
+    gt[2:8, 2:8], gt[10:18, 10:18], gt[2:6, 12:18] = 1, 2, 3
+    shifted = np.zeros_like(gt)
+    shifted[2:8, 4:10] = 1  # IoU 24/48 = 0.5: not above 0.5, a miss and a false positive
+    shifted[10:18, 10:18] = 2
+    assert metrics.pooled_ap([(gt, shifted)]) == pytest.approx(1 / 4)  # TP 1, FP 1, FN 2
+    assert metrics.pooled_ap([(gt, shifted)], threshold=0.4) == pytest.approx(2 / 3)
+    # the same pooling as eval.py's line per sequence
+    root, pred_dir = str(tmp_path / "data"), str(tmp_path / "pred")
+    write_dataset(root, frames=3, shape=(60, 76), seed=3)
+    write_native_predictions(root, pred_dir, lambda labels: np.where(labels % 3 == 0, 0, labels))
+    pairs = [(read_mask(f.mask_path), read_mask(os.path.join(pred_dir, "c", prediction_name(f.number, True))))
+             for f in list_frames(root, "c", with_masks=True)]
+    assert metrics.pooled_ap(pairs) == pytest.approx(sequence_scores(evaluate(pred_dir, root, ["c"], True))["ap50"])
+
+
+def test_checkpoints_chosen_at_the_budgets_every_n_epochs_and_the_last():
+    checkpoints = [{"epochs": e, "cpu_seconds": 12.0 * e} for e in (11, 21, 31, 41, 51, 61, 71, 81, 91, 101, 105)]
+    chosen = benchmark_real.chosen_checkpoints(checkpoints, reference_cpu=200.0, every=50)
+    # budgets 200, 400, 800 CPU-s -> epochs 21 (252), 41 (492), 71 (852); every 50 -> 51, 101; the last, 105
+    assert [c["epochs"] for c in chosen] == [21, 41, 51, 71, 101, 105]
+    assert [c["epochs"] for c in benchmark_real.chosen_checkpoints(checkpoints, None, 0)] == [105]
+
+
+def test_cellpose_at_equal_cpu_interpolates_between_its_checkpoints():
+    rows = [{"dataset": "d", "recipe": "cellpose (11 epochs)", "cpu_seconds": 100.0, "dice_256": 0.2},
+            {"dataset": "d", "recipe": "cellpose (21 epochs)", "cpu_seconds": 300.0, "dice_256": 0.6},
+            {"dataset": "d", "recipe": "patches", "cpu_seconds": 250.0, "dice_256": 0.9},
+            {"dataset": "d", "recipe": "early", "cpu_seconds": 50.0, "dice_256": 0.4},
+            {"dataset": "e", "recipe": "patches", "cpu_seconds": 250.0, "dice_256": 0.9},
+            {"dataset": "d", "recipe": "ceiling", "dice_256": 0.97}]
+    benchmark_real.add_cellpose_at_equal_cpu(rows)
+    assert rows[2]["cellpose_at_equal_cpu"] == pytest.approx(0.5)
+    assert rows[2]["ahead_of_cellpose"] == pytest.approx(0.4)
+    assert all("ahead_of_cellpose" not in row for row in rows[3:])  # outside Cellpose's range, no peer, no training
+
+
+def test_results_block_replaced_and_the_rest_of_the_file_kept(tmp_path):
+    path = str(tmp_path / "results.md")
+    benchmark_real.write_results_block(path, "first table")
+    assert open(path).read() == f"{benchmark_real.RESULTS_START}\nfirst table\n{benchmark_real.RESULTS_END}\n"
+    with open(path, "w") as file:
+        file.write(f"# Results\n\nintro\n\n{benchmark_real.RESULTS_START}\nold\n{benchmark_real.RESULTS_END}\n\nafter\n")
+    benchmark_real.write_results_block(path, "new table\n")
+    assert open(path).read() == (f"# Results\n\nintro\n\n{benchmark_real.RESULTS_START}\nnew table\n"
+                                 f"{benchmark_real.RESULTS_END}\n\nafter\n")
+    with open(path, "w") as file:
+        file.write("# Results without markers\n")
+    benchmark_real.write_results_block(path, "t")
+    assert open(path).read() == (f"# Results without markers\n\n{benchmark_real.RESULTS_START}\nt\n"
+                                 f"{benchmark_real.RESULTS_END}\n")
+
+
+def test_results_markdown_lists_every_row_with_its_command():
+    rows = [{"dataset": "trpL", "recipe": "patches", "dice_256": 0.9, "dice_native": 0.89, "ap50_256": 0.8,
+             "ap50_native": 0.81, "cpu_seconds": 761.0, "ahead_of_cellpose": 0.25, "command": "python train.py x",
+             "data": "runs/d", "machine": "2-core CPU"},
+            {"dataset": "trpL", "recipe": "ceiling", "dice_256": 0.97}]
+    text = benchmark_real.results_markdown(rows)
+    assert "| patches | 0.9000 | 0.8900 | 0.8000 | 0.8100 | 761 | +0.250 |" in text
+    assert "| ceiling | 0.9700 | — | — | — | — | — |" in text
+    assert "- patches: `python train.py x`" in text and "Machine: 2-core CPU" in text
+
+
+def test_merged_rows_replace_reruns_and_keep_the_rest():
+    old = [{"dataset": "a", "recipe": "patches", "v": 1}, {"dataset": "a", "recipe": "ceiling", "v": 2}]
+    new = [{"dataset": "a", "recipe": "patches", "v": 3}, {"dataset": "b", "recipe": "patches", "v": 4}]
+    assert [r["v"] for r in benchmark_real.merge_rows(old, new)] == [2, 3, 4]
+
+
+def test_plot_has_a_panel_per_dataset(tmp_path):
+    rows = [{"dataset": d, "recipe": r, "dice_256": s, "cpu_seconds": c} for d in ("x", "y")
+            for r, s, c in (("cellpose (11 epochs)", 0.1, 100.0), ("cellpose (21 epochs)", 0.5, 200.0),
+                            ("patches", 0.9, 150.0))] + [{"dataset": "x", "recipe": "ceiling", "dice_256": 0.97}]
+    path = str(tmp_path / "race.png")
+    benchmark_real.plot_race(rows, path)
+    image = __import__("matplotlib.image", fromlist=["imread"]).imread(path)
+    assert image.shape[1] == pytest.approx(2 * 4.5 * 110, abs=2)
+
+
+def test_peer_training_refuses_frames_that_min_train_masks_would_all_drop(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    write_dataset(root, frames=2, shape=(60, 76))  # six cells a frame
+    counts = [len(np.unique(read_mask(f.mask_path))) - 1 for f in list_frames(root, "a", with_masks=True)]
+    with pytest.raises(SystemExit) as exit_info:
+        peer_cellpose.main(["train", "--root_dir", root, "--out_dir", str(tmp_path / "run"),
+                            "--min_train_masks", str(max(counts) + 1)])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert error.startswith(f"error: {root}: every training frame has fewer than --min_train_masks")
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_peer_reports_a_frame_without_its_mask(tmp_path, capsys):
+    root = str(tmp_path / "data")
+    write_dataset(root, frames=2, shape=(60, 76))
+    os.remove(os.path.join(root, "a_GT", "man_seg0001.tif"))
+    with pytest.raises(SystemExit):
+        peer_cellpose.main(["train", "--root_dir", root, "--out_dir", str(tmp_path / "run")])
+    assert capsys.readouterr().err.strip() == (f"error: {os.path.join(root, 'a', 't0001.tif')}: no mask "
+                                               "man_seg0001.tif in a_GT")
+
+
+def test_peer_checkpoint_record_is_read_by_the_benchmark(tmp_path):
+    """A finished peer run (checkpoints.json) is reused, not retrained."""
+    run = tmp_path / "cellpose" / "run"
+    run.mkdir(parents=True)
+    record = {"checkpoints": [{"epochs": 11, "model": "models/cellpose_epoch_0010", "cpu_seconds": 130.0,
+                               "wall_seconds": 140.0}]}
+    (run / "checkpoints.json").write_text(json.dumps(record))
+    original = benchmark_real.cellpose_python
+    benchmark_real.cellpose_python = lambda log_dir: "/nonexistent/python"
+    try:
+        checkpoints, command = benchmark_real.train_cellpose("data", str(tmp_path / "cellpose"), 0)
+    finally:
+        benchmark_real.cellpose_python = original
+    assert checkpoints == record["checkpoints"]
+    assert "peer_cellpose.py train --root_dir data --train_seqs a --test_seqs b" in command
