@@ -2,7 +2,7 @@
 options that exist, every file it links to exists, and it stays at most 150 lines.
 
 A command line is checked for what can be checked without the user's data: `make T` needs a rule for T in the
-Makefile; `python S.py ARGS` needs S.py, and every option in ARGS must be listed by `python S.py [SUBCOMMAND]
+Makefile, and the Python lines of that rule (and of the rules it makes) are checked as below; `python S.py ARGS` needs S.py, and every option in ARGS must be listed by `python S.py [SUBCOMMAND]
 --help`; `sbatch`/`bash X.sh ARGS` needs X.sh, and the options after it must be accepted by X.py (the script the
 batch file runs; `-r`/`--reservation` are the batch file's own); repository paths named in ARGS (recipes/, models/)
 must exist. train.py lines are run as written with `--print_config` added (the recipe and options resolve; no data
@@ -90,9 +90,59 @@ def help_options(script: str, prefix: tuple) -> frozenset:
     return frozenset(re.findall(r"(?<![\w-])(--?[A-Za-z][\w-]*)", result.stdout))
 
 
-def make_targets() -> set:
+def makefile() -> str:
     with open(os.path.join(ROOT, "Makefile"), encoding="utf-8") as f:
-        return {m.group(1) for m in re.finditer(r"^([\w.-]+)\s*:(?!=)", f.read(), re.M)}
+        return f.read()
+
+
+def make_targets() -> set:
+    return {m.group(1) for m in re.finditer(r"^([\w.-]+)\s*:(?!=)", makefile(), re.M)}
+
+
+SHELL_SEPARATORS = {"&&", "||", ";", "|", "if", "then", "else", "fi", "do", "done"}
+
+
+def make_rule_commands(target: str):
+    """The commands of a Makefile rule, its variables expanded ($(PY) -> .venv/bin/python), split at the shell's
+    separators: lists of tokens."""
+    text = makefile()
+    variables = dict(re.findall(r"^([A-Z_]+)\s*[?:]?=[ \t]*(.*)$", text, re.M))
+    variables["MAKE"] = "make"
+    body = re.search(rf"^{re.escape(target)}\s*:[^\n]*\n((?:\t[^\n]*\n?)*)", text, re.M)
+    commands = []
+    for line in (body.group(1) if body else "").replace("\\\n", " ").splitlines():
+        line = line.strip().lstrip("@")
+        if line.startswith("#"):
+            continue
+        for _ in range(5):  # nested variables: PY -> $(VENV)/bin/python
+            line = re.sub(r"\$\((\w+)\)", lambda m: variables.get(m.group(1), m.group(0)), line)
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=";&|")
+        lexer.whitespace_split = True
+        command = []
+        for token in list(lexer) + [";"]:
+            if token in SHELL_SEPARATORS:
+                if command:
+                    commands.append(command)
+                command = []
+            else:
+                command.append(token)
+    return commands
+
+
+def check_make(targets, line, seen=None):
+    """Every target has a rule, and every Python script its rule runs accepts the options it is given."""
+    seen = set() if seen is None else seen
+    missing = [t for t in targets if t not in make_targets()]
+    assert targets and not missing, f"README line {line}: no make target {missing or '(none named)'}"
+    for target in targets:
+        if target in seen:
+            continue
+        seen.add(target)
+        for command in make_rule_commands(target):
+            if os.path.basename(command[0]).startswith("python") and len(command) > 1 and command[1].endswith(".py"):
+                check_python(command[1], command[2:], f"{line} (make {target})")
+            elif command[0] == "make":
+                check_make([a for a in command[1:] if not a.startswith("-") and "=" not in a], line, seen)
 
 
 def check_python(script, args, line):
@@ -140,9 +190,7 @@ def test_readme_command_line(line, command, tokens):
         tokens = tokens[1:]
     program, args = tokens[0], tokens[1:]
     if program == "make":
-        targets = [a for a in args if not a.startswith("-") and "=" not in a]
-        missing = [t for t in targets if t not in make_targets()]
-        assert targets and not missing, f"README line {line}: no make target {missing or '(none named)'}"
+        check_make([a for a in args if not a.startswith("-") and "=" not in a], line)
     elif os.path.basename(program).startswith("python"):
         assert args and args[0].endswith(".py"), f"README line {line}: python runs no script: {command}"
         check_python(args[0], args[1:], line)
@@ -169,6 +217,13 @@ def test_readme_links_and_pictures_exist():
 def test_readme_is_at_most_150_lines():
     with open(README, encoding="utf-8") as f:
         assert len(f.read().splitlines()) <= 150
+
+
+def test_make_rule_commands_of_the_demo():
+    commands = make_rule_commands("demo")
+    scripts = {c[1] for c in commands if os.path.basename(c[0]).startswith("python") and len(c) > 1}
+    assert {"simulate.py", "train.py", "inference.py", "eval.py"} <= scripts, commands
+    assert all("$(" not in token for command in commands for token in command), commands
 
 
 def test_the_command_parser_on_a_known_block(tmp_path):
