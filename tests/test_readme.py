@@ -206,10 +206,10 @@ def test_readme_command_line(line, command, tokens):
         pytest.fail(f"README line {line}: tests/test_readme.py does not know how to check {program!r}: {command}")
 
 
-def test_readme_links_and_pictures_exist():
+def test_readme_links_pictures_and_requirements_files_exist():
     with open(README, encoding="utf-8") as f:
         text = f.read()
-    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) + re.findall(r"requirements[\w-]*\.txt", text)
     missing = [t for t in targets if "://" not in t and not os.path.exists(os.path.join(ROOT, t))]
     assert targets and not missing, f"README links to files that do not exist: {missing}"
 
