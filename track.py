@@ -64,7 +64,6 @@ MIN_IOU = 0.1  # the least IoU of a continuation or a gap closing
 DIVISION_TOLERANCE = 4  # px: with registration, daughters are looked for in their mother grown by this much
 REGISTER_BLUR = 2.0  # px: the foregrounds are smoothed before correlating, so that cells that grew or turned still align
 SHORT_TRACKS_WARNING = 0.5  # warn when more than this share of the tracks last one frame, or appear without a parent
-MAX_OUT_PIXELS = 2 ** 28  # --out_size: at most 16384 x 16384
 
 # the kinds of instance-map names track.py reads; a folder holds one kind
 LABEL_PATTERNS = {"prediction (t0000_256.tif)": PREDICTION_PATTERN, "native-size map (t0000.tif)":
@@ -473,7 +472,8 @@ def track(labels_dir: str, out_dir: str, out_size=None, overwrite: bool = False,
 
 
 def positive_size(text: str) -> int:
-    """argparse type of one side of --out_size: a whole number of pixels from 1 to 16384."""
+    """argparse type of one side of --out_size: a whole number of pixels from 1 to 16384 (a frame of at most 2**28
+    pixels, the limit every reader keeps)."""
     try:
         value = int(text)
     except ValueError:
@@ -501,8 +501,6 @@ def main(argv=None):
             parser.error(f"argument --out_size: one size S or two, H W; got {len(args.out_size)}: "
                          f"{' '.join(map(str, args.out_size))}")
         out_size = tuple(args.out_size * 2 if len(args.out_size) == 1 else args.out_size)
-        if out_size[0] * out_size[1] > MAX_OUT_PIXELS:
-            parser.error(f"argument --out_size: {out_size[0]} x {out_size[1]} is more than {MAX_OUT_PIXELS} pixels")
     try:
         summary = track(args.labels, args.out_dir, out_size, args.overwrite, args.register == "masks")
     except DataError as error:
