@@ -14,10 +14,15 @@ Images and masks are paired by sequence name and frame number, never by sorted o
 """
 import contextlib
 import errno
+import math
 import os
 import re
 import shutil
+import signal
+import socket
+import stat
 import tempfile
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +40,10 @@ RESULT_MASK_PATTERN = NATIVE_PREDICTION_PATTERN = re.compile(r"^mask(\d+)\.tiff?
 TRACK_FILE = "man_track.txt"  # CTC tracking ground truth: one line `label begin end parent` per track
 RESULT_TRACK_FILE = "res_track.txt"  # the same for a tracking result
 INTENSITY_RULES = ("percentile", "baseline")
+# The most pixels a frame may declare before it is decoded: a small compressed file can declare gigapixels and
+# exhaust the memory when decoded. 2**28 pixels is 16384 x 16384; a script's flag raises it (read_tiff_2d's max_pixels).
+MAX_PIXELS = 2 ** 28
+MAX_STACK_PIXELS = 2 ** 32  # the same for a whole T x Y x X stack read at once (eval.py --gt/--pred)
 
 # Default split of the challenge (a, b train; c validates; d, e are the test sequences without GT) and the same
 # roles for the five sequences of the public dataset in CTC layout.
@@ -48,9 +57,15 @@ class DataError(ValueError):
     """Bad input data: the message names the file (or folder) and what is wrong with it."""
 
 
+# numpy's tofile (and so tifffile) reports a short write without an errno: the disk filled up during the write
+SHORT_WRITE = re.compile(r"^\d+ requested and \d+ written$")
+
+
 def os_error_reason(error: OSError) -> str:
     """What went wrong in a file operation, in words a user acts on."""
-    return "disk full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    if error.errno == errno.ENOSPC or (error.errno is None and SHORT_WRITE.match(str(error))):
+        return "disk full"
+    return error.strerror or str(error)
 
 
 def error_line(error: Exception) -> str:
@@ -146,11 +161,28 @@ def prediction_path(pred_dir: str, sequence: str, image_name_or_number, native: 
     return os.path.join(pred_dir, sequence, prediction_name(image_name_or_number, native))
 
 
+def check_regular_file(path: str) -> str:
+    """Refuse what is not a regular file (a FIFO, a device, a socket, a folder) before anything opens it: opening a
+    FIFO waits for a writer forever, a device can be read without end. Looked at with stat, never opened."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:
+        raise DataError(f"{path}: {os_error_reason(error)}") from error
+    if not stat.S_ISREG(mode):
+        kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                else "not a regular file")
+        raise DataError(f"{path}: {kind}, not a regular file; refused")
+    return path
+
+
 def numbered_files(folder: str, pattern: re.Pattern) -> dict[int, str]:
+    """Files of a folder whose names match `pattern`, by the number the pattern captures; each a regular file."""
     files = {}
     for name in sorted(os.listdir(folder)):
         match = pattern.match(name)
         if match:
+            check_regular_file(os.path.join(folder, name))
             number = int(match.group(1))
             if number in files:
                 raise DataError(f"{os.path.join(folder, name)}: frame {number} also stored as {files[number]}")
@@ -186,15 +218,69 @@ def list_frames(root_dir: str, sequence: str, with_masks: bool) -> list[Frame]:
 
 # ----------------------------------------------------------------------------------------------------------------- reading
 
-def read_tiff_2d(path: str) -> np.ndarray:
-    """One frame as a 2-D array; singleton axes are dropped, anything else that is not 2-D is an error."""
-    try:
-        array = tifffile.imread(path)
-    except Exception as error:  # tifffile raises several types for broken files
-        raise DataError(f"{path}: unreadable TIFF ({error})") from error
+def check_pixel_count(shape: tuple, path: str, max_pixels: int | None = None):
+    """Refuse a frame whose header declares more than max_pixels (default MAX_PIXELS) pixels, before it is decoded:
+    a small compressed file can declare gigapixels."""
+    limit = MAX_PIXELS if max_pixels is None else max_pixels
+    if math.prod(shape) > limit:
+        raise DataError(f"{path}: declares {' x '.join(map(str, shape))} = {math.prod(shape)} pixels, more than the "
+                        f"limit of {limit}; refused before decoding")
+
+
+def unreadable(path: str, error: Exception) -> DataError:
+    return DataError(f"{path}: unreadable TIFF ({error})")
+
+
+def read_tiff_2d(path: str, max_pixels: int | None = None) -> np.ndarray:
+    """One frame as a 2-D array; singleton axes are dropped, anything else that is not 2-D is an error. Only a
+    regular file is opened, and it is decoded only when its header declares at most max_pixels (default MAX_PIXELS)."""
+    check_regular_file(path)
+    try:  # tifffile raises several types for broken files
+        tif = tifffile.TiffFile(path)
+    except Exception as error:
+        raise unreadable(path, error) from error
+    with tif:
+        try:
+            shape = tuple(tif.series[0].shape)
+        except Exception as error:
+            raise unreadable(path, error) from error
+        check_pixel_count(shape, path, max_pixels)
+        try:
+            array = tif.asarray()
+        except Exception as error:
+            raise unreadable(path, error) from error
     array = np.squeeze(array)
     if array.ndim != 2:
         raise DataError(f"{path}: expected one 2-D single-channel frame, got an array of shape {array.shape}")
+    return check_pixels(array, path)
+
+
+def read_tiff_stack(path: str, max_pixels: int | None = None) -> np.ndarray:
+    """A TIFF of one 2-D frame or a T x Y x X stack, as a (T, Y, X) array; singleton axes are dropped. Refused like
+    read_tiff_2d before decoding: a frame above max_pixels (default MAX_PIXELS), the stack above MAX_STACK_PIXELS."""
+    check_regular_file(path)
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as error:
+        raise unreadable(path, error) from error
+    with tif:
+        try:
+            shape = tuple(tif.series[0].shape)
+        except Exception as error:
+            raise unreadable(path, error) from error
+        frame = tuple(s for s in shape if s != 1)[-2:]
+        check_pixel_count(frame, path, max_pixels)
+        check_pixel_count(shape, path, MAX_STACK_PIXELS)
+        try:
+            array = tif.asarray()
+        except Exception as error:
+            raise unreadable(path, error) from error
+    array = np.squeeze(array)
+    if array.ndim == 2:
+        array = array[None]
+    if array.ndim != 3:
+        raise DataError(f"{path}: expected one 2-D frame or a stack of them (T x Y x X), got an array of shape "
+                        f"{array.shape}")
     return check_pixels(array, path)
 
 
@@ -210,13 +296,16 @@ def check_pixels(array: np.ndarray, path: str) -> np.ndarray:
     return array
 
 
-def frame_shape(path: str) -> tuple[int, int]:
-    """A frame's 2-D size from its TIFF header, without reading the pixels."""
+def frame_shape(path: str, max_pixels: int | None = None) -> tuple[int, int]:
+    """A frame's 2-D size from its TIFF header, without reading the pixels (refused as read_tiff_2d refuses it)."""
+    check_regular_file(path)
     try:
         with tifffile.TiffFile(path) as tif:
-            shape = tuple(s for s in tif.series[0].shape if s != 1)
+            shape = tuple(tif.series[0].shape)
     except Exception as error:
-        raise DataError(f"{path}: unreadable TIFF ({error})") from error
+        raise unreadable(path, error) from error
+    check_pixel_count(shape, path, max_pixels)
+    shape = tuple(s for s in shape if s != 1)
     if len(shape) != 2:
         raise DataError(f"{path}: expected one 2-D single-channel frame, got an array of shape {shape}")
     return shape
@@ -291,7 +380,7 @@ def rescale(image: np.ndarray, scale: float, order: int = 1) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------------------------------- writing
 
-def _file_mode() -> int:
+def new_file_mode() -> int:
     """0666 less the process's umask: what open() gives a new file (mkstemp gives 0600 whatever the umask)."""
     try:
         with open("/proc/self/status") as status:
@@ -313,7 +402,7 @@ def atomic_write(path: str, write, suffix: str = ".tmp"):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=suffix)
         os.close(fd)
         write(tmp)
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
     except OSError as error:
         raise DataError(f"{path}: cannot write ({os_error_reason(error)})") from error
@@ -335,25 +424,109 @@ def narrowest_unsigned(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint64)
 
 
+# --------------------------------------------------------------------------------------- staging, and SIGTERM during it
+
+_sigterm = {"deferred": 0, "pending": False}
+
+
+def _raise_on_sigterm(signum, frame):
+    if _sigterm["deferred"]:
+        _sigterm["pending"] = True
+        return
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While active, SIGTERM raises SystemExit(143) instead of ending the process on the spot, so that `finally`
+    blocks run and remove what was staged. Only where SIGTERM still has its default action (a script that handles
+    SIGTERM itself, train.py, keeps its handler) and only in the main thread (where Python runs signal handlers)."""
+    install = (threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if install:
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield
+    finally:
+        if install:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def sigterm_deferred():
+    """A SIGTERM that arrives inside the block (under sigterm_raises) takes effect when the block is done: for the
+    renames that put a finished result in place, which must all happen or none."""
+    _sigterm["deferred"] += 1
+    try:
+        yield
+    finally:
+        _sigterm["deferred"] -= 1
+        if not _sigterm["deferred"] and _sigterm["pending"]:
+            _sigterm["pending"] = False
+            raise SystemExit(128 + signal.SIGTERM)
+
+
+STAGING_OWNER = re.compile(r"^(\d+)@(.+)-[^-]+$")  # after the prefix: <pid>@<host>-<mkdtemp's random part>
+
+
+def remove_stale_staging(parent: str, prefix: str) -> list[str]:
+    """Remove the staging folders `.<prefix>-<pid>@<host>-*` in parent that a process of this host left behind
+    and that no longer runs (killed with SIGKILL, or the machine went down). Returns the folders removed."""
+    host, removed = socket.gethostname(), []
+    if not os.path.isdir(parent):
+        return removed
+    for entry in os.listdir(parent):
+        if not entry.startswith(f".{prefix}-"):
+            continue
+        owner = STAGING_OWNER.match(entry[len(prefix) + 2:])
+        if owner is None or owner.group(2) != host or process_alive(int(owner.group(1))):
+            continue
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+        removed.append(os.path.join(parent, entry))
+    return removed
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def staging_folder(parent: str, prefix: str):
+    """A hidden folder `.<prefix>-<pid>@<host>-XXXXXXXX` in parent to write a result into before it is renamed into
+    place. It is gone afterwards whatever happened: removed on an exception and on SIGTERM (sigterm_raises), and, where
+    a process was killed outright, by the next run with the same prefix (remove_stale_staging). A caller that renames
+    the folder itself into place leaves nothing to remove."""
+    with sigterm_raises():
+        os.makedirs(parent, exist_ok=True)
+        remove_stale_staging(parent, prefix)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f".{prefix}-{os.getpid()}@{socket.gethostname()}-")
+        try:
+            yield staging
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staged_sequence(root_dir: str, name: str, targets: dict):
     """A hidden staging folder in root_dir for writing a sequence whose folders will be `targets` (name -> path):
     an existing target is refused before anything is written, OS errors become a DataError naming the sequence, and
-    the staging folder is gone afterwards whatever happened (what was complete was moved out of it)."""
+    the staging folder is gone afterwards whatever happened, SIGTERM included (what was complete was moved out of it;
+    see staging_folder)."""
     for target in targets.values():
         if os.path.exists(target):
             raise DataError(f"{target}: already exists; choose another name or remove it first")
-    staging = None
     try:
-        os.makedirs(root_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=root_dir, prefix=f".write-{name}-")
-        yield staging
+        with staging_folder(root_dir, f"write-{name}") as staging:
+            yield staging
     except OSError as error:
         raise DataError(f"{os.path.join(root_dir, name)}: cannot write the sequence ({os_error_reason(error)})") \
             from error
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layout: str = "challenge") -> int:
@@ -376,10 +549,11 @@ def write_sequence(root_dir: str, name: str, frames, with_gt: bool = True, layou
                 tifffile.imwrite(os.path.join(staging, "masks", mask_name(t)),
                                  narrowest_unsigned(mask) if wide else mask.astype(np.uint16))
             count = t + 1
-        if with_gt:
-            os.makedirs(os.path.dirname(targets["masks"]), exist_ok=True)
-            os.replace(os.path.join(staging, "masks"), targets["masks"])
-        os.replace(os.path.join(staging, "images"), targets["images"])
+        with sigterm_deferred():  # both folders or neither
+            if with_gt:
+                os.makedirs(os.path.dirname(targets["masks"]), exist_ok=True)
+                os.replace(os.path.join(staging, "masks"), targets["masks"])
+            os.replace(os.path.join(staging, "images"), targets["images"])
     return count
 
 
@@ -389,14 +563,67 @@ def format_tracks(tracks) -> str:
 
 
 def read_tracks(path: str) -> np.ndarray:
-    """A CTC track file as an (n, 4) int64 table (label, begin, end, parent)."""
+    """A CTC track file as an (n, 4) int64 table (label, begin, end, parent), checked by check_tracks: every line four
+    whole numbers, every value one the CTC's format allows, no lineage that loops."""
+    check_regular_file(path)
+    problem = "not a track file of lines `label begin end parent`"
+    rows = []
     try:
         with open(path) as file:
-            rows = [line.split() for line in file if line.strip()]
-        table = np.array([[int(v) for v in row] for row in rows], np.int64).reshape(-1, 4)
-    except (OSError, ValueError) as error:
-        raise DataError(f"{path}: not a track file of lines `label begin end parent` ({error})") from error
-    return table
+            for number, line in enumerate(file, 1):
+                values = line.split()
+                if not values:
+                    continue
+                if len(values) != 4:
+                    raise DataError(f"{path}: {problem} (line {number} has {len(values)} values)")
+                try:
+                    row = [int(v) for v in values]
+                except ValueError:
+                    raise DataError(f"{path}: {problem} (line {number} is not four whole numbers)") from None
+                if not all(-2 ** 63 <= v < 2 ** 63 for v in row):
+                    raise DataError(f"{path}: line {number}: a value beyond the 64-bit range")
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as error:
+        reason = os_error_reason(error) if isinstance(error, OSError) else "not a text file"
+        raise DataError(f"{path}: {problem} ({reason})") from error
+    return check_tracks(np.array(rows, np.int64).reshape(-1, 4), path)
+
+
+def check_tracks(tracks: np.ndarray, path: str) -> np.ndarray:
+    """A track table as the CTC defines it: labels from 1 and unique, 0 <= begin <= end, a parent 0 (none) or the
+    label of another track, and no track its own ancestor (a cycle would make every walk up a lineage endless).
+    Returned as it is."""
+    label, begin, end, parent = tracks.T
+    def refuse(rows, what):
+        row = tracks[np.flatnonzero(rows)[0]]
+        raise DataError(f"{path}: track {' '.join(map(str, row))}: {what}")
+    if (label < 1).any():
+        refuse(label < 1, "a track label must be at least 1")
+    if (begin < 0).any() or (end < begin).any():
+        refuse((begin < 0) | (end < begin), "begin must be at least 0 and end at least begin")
+    if (parent < 0).any():
+        refuse(parent < 0, "a parent label must be at least 0 (0: no parent)")
+    if (parent == label).any():
+        refuse(parent == label, "a track is its own parent")
+    order = np.argsort(label, kind="stable")
+    repeated = np.zeros(len(label), bool)
+    repeated[order[1:][np.diff(label[order]) == 0]] = True
+    if repeated.any():
+        refuse(repeated, "its label names another track too")
+    sorted_labels = label[order]
+    at = np.minimum(np.searchsorted(sorted_labels, parent), max(len(label) - 1, 0))
+    known = (parent == 0) | (sorted_labels[at] == parent) if len(label) else parent == 0
+    if not known.all():
+        refuse(~known, "its parent is not a track of the file")
+    # a cycle: follow every track's parent pointer; pointer doubling reaches the root (index n) from every track
+    # in log2(n) steps unless the track's ancestors loop
+    n = len(label)
+    up = np.append(np.where(parent == 0, n, order[at] if n else 0), n)
+    for _ in range(max(n, 1).bit_length() + 1):
+        up = up[up]
+    if (up[:n] != n).any():
+        refuse(up[:n] != n, "its ancestors form a cycle (a track is its own ancestor)")
+    return tracks
 
 
 def tracks_from_presence(first: dict, last: dict, parent_of: dict) -> np.ndarray:
@@ -450,6 +677,8 @@ def write_ctc_sequence(root_dir: str, name: str, frames, parent_of: dict, with_g
             tracks = tracks_from_presence(first, last, parent_of)
             with open(os.path.join(staging, "gt", "TRA", TRACK_FILE), "w") as file:
                 file.write(format_tracks(tracks))
-            os.replace(os.path.join(staging, "gt"), targets["gt"])
-        os.replace(os.path.join(staging, "images"), targets["images"])
+        with sigterm_deferred():  # both folders or neither
+            if with_gt:
+                os.replace(os.path.join(staging, "gt"), targets["gt"])
+            os.replace(os.path.join(staging, "images"), targets["images"])
     return count

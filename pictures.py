@@ -30,9 +30,10 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from border_core import resize_nearest
-from data_files import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, atomic_write, error_line, list_frames,
-                        mask_dir, numbered_files, prediction_path, read_mask, read_prediction, read_tiff_2d,
-                        read_tracks, to_uint8_range)
+from cli_types import HelpFormatter, int_list, non_negative_int, positive_int
+from data_files import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, atomic_write, check_regular_file,
+                        compact_labels, error_line, list_frames, mask_dir, numbered_files, prediction_path, read_mask,
+                        read_prediction, read_tiff_2d, read_tracks, to_uint8_range)
 
 PRED_COLOUR, GT_COLOUR = (255, 220, 0), (0, 220, 255)
 
@@ -46,6 +47,34 @@ def grey_to_rgb(image: np.ndarray, size=None) -> np.ndarray:
 
 def save_png(path: str, rgb: np.ndarray):
     atomic_write(path, lambda tmp: plt.imsave(tmp, rgb, format="png"), ".png.tmp")
+
+
+def save_figure(fig, out: str):
+    """A figure written whole or not at all (a full disk leaves no cut file), in the format of out's extension."""
+    extension = os.path.splitext(out)[1]
+    try:
+        atomic_write(out, lambda tmp: fig.savefig(tmp, format=extension[1:] or "png"), ".tmp" + extension)
+    except DataError:
+        raise
+    except ValueError as error:  # an extension matplotlib has no writer for
+        raise DataError(f"{out}: {error}") from error
+    finally:
+        plt.close(fig)
+
+
+def read_metrics(metrics_csv: str) -> pd.DataFrame:
+    """A run's metrics.csv, refused with one line when it is not one (empty, binary, without an epoch column)."""
+    check_regular_file(metrics_csv)
+    try:
+        metrics = pd.read_csv(metrics_csv)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        raise DataError(f"{metrics_csv}: not a metrics.csv of a run ({str(error).splitlines()[0]})") from error
+    if "epoch" not in metrics or not pd.api.types.is_numeric_dtype(metrics["epoch"]):
+        raise DataError(f"{metrics_csv}: not a metrics.csv of a run (no numeric epoch column; columns "
+                        f"{list(metrics.columns)[:6]})")
+    if metrics["epoch"].isna().all():
+        raise DataError(f"{metrics_csv}: no epoch logged yet")
+    return metrics
 
 
 def sample_pictures(root_dir: str, sequence: str, frame: int, out_dir: str):
@@ -96,7 +125,7 @@ def overlay_pictures(root_dir: str, pred_dir: str, sequence: str, frames: list[i
 
 
 def training_curves(metrics_csv: str, out: str):
-    metrics = pd.read_csv(metrics_csv)
+    metrics = read_metrics(metrics_csv)
     per_epoch = metrics.groupby("epoch").mean(numeric_only=True)
     fig, loss_axis = plt.subplots(figsize=(6, 3.6), dpi=120)
     for column, style in (("train_loss", "-"), ("val_loss", "--")):
@@ -114,9 +143,7 @@ def training_curves(metrics_csv: str, out: str):
     handles = loss_axis.get_legend_handles_labels()[0] + dice_axis.get_legend_handles_labels()[0]
     fig.legend(handles=handles, loc="center right", bbox_to_anchor=(0.85, 0.5), fontsize=8)
     fig.tight_layout()
-    atomic_write(out, lambda tmp: fig.savefig(tmp, format=os.path.splitext(out)[1][1:] or "png"),
-                 ".tmp" + os.path.splitext(out)[1])
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def lineage_order(tracks: np.ndarray) -> list[int]:
@@ -159,13 +186,11 @@ def lineage_picture(track_dir: str, out: str, max_tracks: int = 400):
     axis.set_ylim(len(order), -1)
     axis.set_xlim(0, int(tracks[:, 2].max()) + 1)
     shown = f"first {len(order)} of {len(tracks)} tracks" if len(order) < len(tracks) else f"{len(tracks)} tracks"
-    divisions = int((np.bincount(tracks[:, 3])[1:] >= 2).sum())
+    divisions = int((np.unique(tracks[:, 3][tracks[:, 3] > 0], return_counts=True)[1] >= 2).sum())
     axis.set_title(f"lineage: {shown}, {divisions} divisions", fontsize=10)
     axis.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def track_colours(n_tracks: int) -> np.ndarray:
@@ -191,12 +216,17 @@ def tracks_picture(track_dir: str, frames: list[int], out: str, root_dir: str | 
         if missing:
             raise DataError(f"{os.path.join(root_dir, sequence)}: no image of frame {', '.join(map(str, missing))}")
         images = {n: read_tiff_2d(by_number[n].image_path) for n in frames}
-    maps = {n: read_prediction(masks[n]).astype(np.int64) for n in frames}
-    colours = track_colours(max(int(m.max()) for m in maps.values()))
+    maps = {n: compact_labels(read_prediction(masks[n])) for n in frames}
+    # colours by each track id's rank among the ids shown (the same in every panel), never a table indexed by the
+    # id itself: an id of 4e9 would ask for gigabytes
+    ids = np.unique(np.concatenate([np.unique(m) for m in maps.values()]))
+    ids = ids[ids > 0]
+    colours = track_colours(len(ids))
     panels = []
     for n in frames:
         labels = maps[n]
-        rgb = colours[labels]
+        ranks = np.where(labels > 0, np.searchsorted(ids, labels) + 1, 0)
+        rgb = colours[ranks]
         if n in images:
             grey = grey_to_rgb(images[n], labels.shape) / 255.0
             rgb = np.where(labels[..., None] > 0, 0.55 * rgb + 0.45 * grey, grey)
@@ -209,39 +239,38 @@ def tracks_picture(track_dir: str, frames: list[int], out: str, root_dir: str | 
         axis.axis("off")
     fig.suptitle("cells coloured by track id (a daughter gets a new colour)", fontsize=10)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    save_figure(fig, out)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    sample = commands.add_parser("sample", help="img.png and mask.png of one GT frame")
-    sample.add_argument("--root_dir", required=True)
+    defaults = {"formatter_class": HelpFormatter}
+    sample = commands.add_parser("sample", help="img.png and mask.png of one GT frame", **defaults)
+    sample.add_argument("--root_dir", required=True, help="data root")
     sample.add_argument("--seqs", "--seq", dest="seq", default="c", help="the sequence")
-    sample.add_argument("--frames", "--frame", dest="frame", type=int, default=0, help="the frame number")
-    sample.add_argument("--out_dir", default="readme_imgs")
-    over = commands.add_parser("overlay", help="predicted (yellow) and GT (cyan) outlines over the image")
-    over.add_argument("--root_dir", required=True)
-    over.add_argument("--pred_dir", required=True)
+    sample.add_argument("--frames", "--frame", dest="frame", type=non_negative_int, default=0, help="the frame number")
+    sample.add_argument("--out_dir", default="readme_imgs", help="folder of the pictures")
+    over = commands.add_parser("overlay", help="predicted (yellow) and GT (cyan) outlines over the image", **defaults)
+    over.add_argument("--root_dir", required=True, help="data root")
+    over.add_argument("--pred_dir", required=True, help="inference.py's prediction folder")
     over.add_argument("--seqs", "--seq", dest="seq", default="c", help="the sequence")
-    over.add_argument("--frames", default="0", help="comma-separated frame numbers")
+    over.add_argument("--frames", type=int_list, default="0", help="comma-separated frame numbers")
     over.add_argument("--native", action="store_true", help="the native-size predictions <seq>/mask<frame>.tif")
-    over.add_argument("--out_dir", default="readme_imgs")
-    curves = commands.add_parser("curves", help="training curves of a run")
+    over.add_argument("--out_dir", default="readme_imgs", help="folder of the pictures")
+    curves = commands.add_parser("curves", help="training curves of a run", **defaults)
     curves.add_argument("--metrics", required=True, help="a run's metrics.csv")
-    curves.add_argument("--out", default="readme_imgs/curves.png")
-    lineage = commands.add_parser("lineage", help="lineage tree of a tracking result")
+    curves.add_argument("--out", default="readme_imgs/curves.png", help="the picture (format from the extension)")
+    lineage = commands.add_parser("lineage", help="lineage tree of a tracking result", **defaults)
     lineage.add_argument("--track_dir", required=True, help="track.py's result folder (res_track.txt)")
-    lineage.add_argument("--max_tracks", type=int, default=400, help="draw at most this many tracks")
-    lineage.add_argument("--out", default="readme_imgs/lineage.png")
-    tracks = commands.add_parser("tracks", help="frames of a tracking result coloured by track id")
+    lineage.add_argument("--max_tracks", type=positive_int, default=400, help="draw at most this many tracks")
+    lineage.add_argument("--out", default="readme_imgs/lineage.png", help="the picture (format from the extension)")
+    tracks = commands.add_parser("tracks", help="frames of a tracking result coloured by track id", **defaults)
     tracks.add_argument("--track_dir", required=True, help="track.py's result folder (mask000.tif ...)")
-    tracks.add_argument("--frames", default="0", help="comma-separated frame numbers")
+    tracks.add_argument("--frames", type=int_list, default="0", help="comma-separated frame numbers")
     tracks.add_argument("--root_dir", default=None, help="data root: draw the images underneath")
     tracks.add_argument("--seq", default=None, help="the sequence of --root_dir")
-    tracks.add_argument("--out", default="readme_imgs/tracks.png")
+    tracks.add_argument("--out", default="readme_imgs/tracks.png", help="the picture (format from the extension)")
     args = parser.parse_args(argv)
     try:
         run(args)
@@ -255,7 +284,7 @@ def run(args):
         print(f"wrote {args.out_dir}/img.png and {args.out_dir}/mask.png")
     elif args.command == "overlay":
         for path in overlay_pictures(args.root_dir, args.pred_dir, args.seq,
-                                     [int(f) for f in args.frames.split(",")], args.out_dir, args.native):
+                                     args.frames, args.out_dir, args.native):
             print(f"wrote {path}")
     elif args.command == "lineage":
         lineage_picture(args.track_dir, args.out, args.max_tracks)
@@ -263,7 +292,7 @@ def run(args):
     elif args.command == "tracks":
         if (args.root_dir is None) != (args.seq is None):
             raise DataError(f"{args.root_dir or args.seq}: --root_dir and --seq go together")
-        tracks_picture(args.track_dir, [int(f) for f in args.frames.split(",")], args.out, args.root_dir, args.seq)
+        tracks_picture(args.track_dir, args.frames, args.out, args.root_dir, args.seq)
         print(f"wrote {args.out}")
     else:
         training_curves(args.metrics, args.out)

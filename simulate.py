@@ -36,7 +36,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from data_files import DataError, ctc_digits, write_ctc_sequence, write_sequence
+from cli_types import HelpFormatter, non_negative_int, positive_int
+from data_files import MAX_PIXELS, DataError, ctc_digits, error_line, write_ctc_sequence, write_sequence
 
 CELL_RADIUS = 6.0  # px: cells 12 px wide, like C. glutamicum at 0.072 µm/px
 DIVISION_LENGTH = 50.0  # px, tip to tip, mean of the per-cell threshold
@@ -205,6 +206,8 @@ class Colony:
         """In a channel closed at the top, a cell's growth pushes every cell below it towards the exit. Move them
         at once (shared between the columns of cells that fit side by side), so that relaxation only settles the
         rest: a long column would pass the push on one cell per relaxation step, and jam."""
+        if not len(self.pos):  # every cell has left the channels
+            return
         lane = self._lane()
         along = growth * np.abs(np.sin(self.angle))
         order = np.lexsort((self.pos[:, 1], lane))
@@ -608,10 +611,18 @@ def write_simulated_sequence(root: str, name: str, n_frames: int, size, seed: in
 
 
 def sequence_names(n_sequences: int, layout: str = "challenge") -> list[str]:
-    """a, b, c, ... in the challenge layout; 01, 02, ... in the CTC layout."""
+    """a, b, c, ..., z, then aa, ab, ... (as spreadsheet columns) in the challenge layout; 01, 02, ... in the CTC
+    layout."""
     if layout == "ctc":
         return [f"{k + 1:02d}" for k in range(n_sequences)]
-    return list(string.ascii_lowercase[:n_sequences])
+    names = []
+    for k in range(n_sequences):
+        name, k = "", k + 1
+        while k:
+            k, letter = divmod(k - 1, 26)
+            name = string.ascii_lowercase[letter] + name
+        names.append(name)
+    return names
 
 
 def write_dataset(root: str, n_sequences: int = 5, n_frames: int = 100, size=(256, 256), seed: int = 0,
@@ -633,28 +644,37 @@ def describe(info: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root_dir", "--out_dir", dest="out_dir", default="demo_data", help="data root to write")
-    parser.add_argument("--num_sequences", "--sequences", dest="sequences", type=int, default=5, help="number of sequences, named a, b, c, ... (01, 02, "
-                        "... in the CTC layout)")
+    parser.add_argument("--num_sequences", "--sequences", dest="sequences", type=positive_int, default=5,
+                        help="number of sequences, named a, b, c, ..., z, aa, ab, ... (01, 02, ... in the CTC layout)")
     parser.add_argument("--layout", choices=["challenge", "ctc"], default="challenge",
                         help="challenge: a/t0000.tif, a_GT/man_seg0000.tif; ctc: 01/t000.tif, 01_GT/SEG/man_seg000.tif "
                              "and tracking GT 01_GT/TRA/man_track000.tif, man_track.txt")
-    parser.add_argument("--without_gt", type=int, default=2, help="the last this many sequences get no GT (test)")
-    parser.add_argument("--num_frames", "--frames", dest="frames", type=int, default=100, help="frames per sequence")
-    parser.add_argument("--size", type=int, nargs="+", default=[256], help="frame size: S (square) or H W")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--without_gt", type=non_negative_int, default=2,
+                        help="the last this many sequences get no GT (test)")
+    parser.add_argument("--num_frames", "--frames", dest="frames", type=positive_int, default=100,
+                        help="frames per sequence")
+    parser.add_argument("--size", type=positive_int, nargs="+", default=[256], help="frame size: S (square) or H W")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="sequence k is simulated from seed * 1000 + k")
     parser.add_argument("--randomise", action="store_true",
                         help="draw a look (phase contrast or brightfield, optics, noise, camera) and a geometry (cell "
                              "size, chamber, channels or agar pad) per sequence from its seed; see docs/simulation.md")
     args = parser.parse_args(argv)
-    size = tuple(args.size * 2 if len(args.size) == 1 else args.size[:2])
+    if len(args.size) > 2:
+        parser.error(f"argument --size: one size S or two sizes H W, got {len(args.size)} values")
+    size = tuple(args.size * 2 if len(args.size) == 1 else args.size)
+    if size[0] * size[1] > MAX_PIXELS:
+        parser.error(f"argument --size: {size[0]} x {size[1]} is more than {MAX_PIXELS} pixels a frame, more than the "
+                     "scripts read")
+    if args.without_gt > args.sequences:
+        parser.error(f"argument --without_gt: {args.without_gt} is more than the {args.sequences} sequence(s)")
     start = time.perf_counter()
     try:
         summary = write_dataset(args.out_dir, args.sequences, args.frames, size, args.seed, args.without_gt,
                                 args.randomise, args.layout)
-    except DataError as error:
-        sys.exit(f"error: {error}")
+    except (DataError, OSError) as error:
+        sys.exit(error_line(error))
     for name, info in summary.items():
         print(f"sequence {name}: {args.frames} frames of {size[0]} x {size[1]}, cells {info['cells_first']} -> "
               f"{info['cells_last']}, {info['divisions']} divisions" + (describe(info) if "look" in info else ""))
