@@ -25,10 +25,15 @@ REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
 source "$REPO/job_setup.sh" track.sh "$@"  # paths, venv, -r warning, environment; leaves the arguments in args
 TRACK_DIR=${TRACK_DIR:-$WORKSPACE/track}
 [ -d "$PRED_DIR" ] || { echo "error: $PRED_DIR: prediction folder does not exist" >&2; exit 1; }
-if [ -z "${SEQS:-}" ]; then
-  SEQS=$(cd "$PRED_DIR" && for d in */; do [ -d "$d" ] && echo "${d%/}"; done)
+if [ -n "${SEQS:-}" ]; then
+  read -r -a seqs <<< "$SEQS"  # space-separated names; a folder name with spaces: leave SEQS unset
+else
+  seqs=()
+  shopt -s nullglob  # an empty folder gives no name, not a literal '*/'
+  for folder in "$PRED_DIR"/*/; do folder=${folder%/}; seqs+=("${folder##*/}"); done
+  shopt -u nullglob
 fi
-[ -n "$SEQS" ] || { echo "error: $PRED_DIR: no sequence folder to track" >&2; exit 1; }
-for seq in $SEQS; do
+[ ${#seqs[@]} -gt 0 ] || { echo "error: $PRED_DIR: no sequence folder to track (expected $PRED_DIR/<seq>/t0000_256.tif ...)" >&2; exit 1; }
+for seq in "${seqs[@]}"; do
   python "$REPO/track.py" --labels "$PRED_DIR/$seq" --out_dir "$TRACK_DIR/${seq}_RES" --overwrite "${args[@]}"
 done

@@ -294,6 +294,26 @@ def test_track_sh_runs_without_slurm(tmp_path):
         assert [tuple(row) for row in tracks] == EXPECTED_TRACKS
 
 
+@pytest.mark.slow
+def test_track_sh_takes_a_folder_with_a_space_and_names_an_empty_pred_dir(tmp_path):
+    """A sequence folder named `my seq` is one sequence; an empty PRED_DIR gets a message, not a silent exit 1."""
+    (tmp_path / "pred" / "my seq").mkdir(parents=True)
+    for t, frame in enumerate(hand_built_sequence()):
+        tifffile.imwrite(tmp_path / "pred" / "my seq" / f"t{t:04d}_256.tif", frame)
+    (tmp_path / "empty").mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_"))}
+    env.update(PRED_DIR=str(tmp_path / "pred"), TRACK_DIR=str(tmp_path / "track"), VENV=sys.prefix)
+    result = subprocess.run(["bash", os.path.join(ROOT, "track.sh")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    tracks = read_tracks(str(tmp_path / "track" / "my seq_RES" / "res_track.txt"))
+    assert [tuple(row) for row in tracks] == EXPECTED_TRACKS
+    env.update(PRED_DIR=str(tmp_path / "empty"))
+    result = subprocess.run(["bash", os.path.join(ROOT, "track.sh")], env=env, cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and f"error: {tmp_path / 'empty'}: no sequence folder to track" in result.stderr
+
+
 def test_eval_adds_detection_columns_and_a_pooled_line_per_sequence(tmp_path, capsys):
     import eval as evaluation
     from conftest import write_dataset
