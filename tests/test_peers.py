@@ -175,3 +175,14 @@ def test_peer_checkpoint_record_is_read_by_the_benchmark(tmp_path):
         benchmark_real.cellpose_python = original
     assert checkpoints == record["checkpoints"]
     assert "peer_cellpose.py train --root_dir data --train_seqs a --test_seqs b" in command
+
+
+def test_simulated_dataset_has_train_select_and_test_sequences_with_masks(tmp_path):
+    root = benchmark_real.prepare("unused", "simulated", str(tmp_path))
+    for sequence in "abc":
+        frames = list_frames(root, sequence, with_masks=True)
+        assert len(frames) == 20 and read_mask(frames[-1].mask_path).shape == (256, 256)
+    assert sorted(os.listdir(tmp_path)) == ["simulated"]  # nothing half-written left beside it
+    stamp = os.stat(os.path.join(root, "a", "t0000.tif")).st_mtime_ns
+    assert benchmark_real.prepare("unused", "simulated", str(tmp_path)) == root  # reused, not rewritten
+    assert os.stat(os.path.join(root, "a", "t0000.tif")).st_mtime_ns == stamp
