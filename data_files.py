@@ -231,9 +231,9 @@ def unreadable(path: str, error: Exception) -> DataError:
     return DataError(f"{path}: unreadable TIFF ({error})")
 
 
-def read_tiff_2d(path: str, max_pixels: int | None = None) -> np.ndarray:
-    """One frame as a 2-D array; singleton axes are dropped, anything else that is not 2-D is an error. Only a
-    regular file is opened, and it is decoded only when its header declares at most max_pixels (default MAX_PIXELS)."""
+def decode_tiff(path: str, check_shape) -> np.ndarray:
+    """The first series of a TIFF as an array, decoded only after check_shape(the shape its header declares) has
+    passed; only a regular file is opened."""
     check_regular_file(path)
     try:  # tifffile raises several types for broken files
         tif = tifffile.TiffFile(path)
@@ -244,11 +244,17 @@ def read_tiff_2d(path: str, max_pixels: int | None = None) -> np.ndarray:
             shape = tuple(tif.series[0].shape)
         except Exception as error:
             raise unreadable(path, error) from error
-        check_pixel_count(shape, path, max_pixels)
+        check_shape(shape)
         try:
-            array = tif.asarray()
+            return tif.asarray()
         except Exception as error:
             raise unreadable(path, error) from error
+
+
+def read_tiff_2d(path: str, max_pixels: int | None = None) -> np.ndarray:
+    """One frame as a 2-D array; singleton axes are dropped, anything else that is not 2-D is an error. Only a
+    regular file is opened, and it is decoded only when its header declares at most max_pixels (default MAX_PIXELS)."""
+    array = decode_tiff(path, lambda shape: check_pixel_count(shape, path, max_pixels))
     array = np.squeeze(array)
     if array.ndim != 2:
         raise DataError(f"{path}: expected one 2-D single-channel frame, got an array of shape {array.shape}")
@@ -258,23 +264,11 @@ def read_tiff_2d(path: str, max_pixels: int | None = None) -> np.ndarray:
 def read_tiff_stack(path: str, max_pixels: int | None = None) -> np.ndarray:
     """A TIFF of one 2-D frame or a T x Y x X stack, as a (T, Y, X) array; singleton axes are dropped. Refused like
     read_tiff_2d before decoding: a frame above max_pixels (default MAX_PIXELS), the stack above MAX_STACK_PIXELS."""
-    check_regular_file(path)
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as error:
-        raise unreadable(path, error) from error
-    with tif:
-        try:
-            shape = tuple(tif.series[0].shape)
-        except Exception as error:
-            raise unreadable(path, error) from error
-        frame = tuple(s for s in shape if s != 1)[-2:]
-        check_pixel_count(frame, path, max_pixels)
+    def check_shape(shape):
+        check_pixel_count(tuple(s for s in shape if s != 1)[-2:], path, max_pixels)
         check_pixel_count(shape, path, MAX_STACK_PIXELS)
-        try:
-            array = tif.asarray()
-        except Exception as error:
-            raise unreadable(path, error) from error
+
+    array = decode_tiff(path, check_shape)
     array = np.squeeze(array)
     if array.ndim == 2:
         array = array[None]
