@@ -5,8 +5,11 @@
     python import_sequence.py --images movie.tif --root_dir data --name d            # no GT: a test sequence
     python import_sequence.py --images movie.tif --masks masks.tif --root_dir data --name b --frames 7:13
 
---images / --masks: a multi-page TIFF stack (time on the first axis) or a folder of single-frame TIFFs, ordered by the
-last number in each file name (paired by that number when both are folders). Writes root_dir/<name>/t0000.tif ... and,
+--images / --masks: a movie file or a folder of single-frame TIFFs, ordered by the last number in each file name
+(paired by that number when both are folders; two names with the same number, img_1.tif and img_01.tif, are refused).
+A movie file is read as segment.py reads it (movie_io.py): TIFF stacks, OME-TIFF and ImageJ hyperstacks always, ND2,
+CZI, LIF through the optional extra requirements-movie.txt; --channel, --position and --z pick one channel, position
+and plane (a single RGB or multi-channel image without --channel is refused, naming its axes). Writes root_dir/<name>/t0000.tif ... and,
 with masks, root_dir/<name>_GT/man_seg0000.tif ...; images keep their dtype, masks become uint16 (uint32 above 65535
 labels). --crop H W cuts a window of H x W that follows the labelled colony: centred on the bounding box of each
 frame's mask (the last one seen for a frame without labels), shifted to stay inside the frame.
@@ -20,9 +23,9 @@ import re
 import sys
 
 import numpy as np
-import tifffile
 
-from data_files import DataError, check_labels, check_pixels, error_line, read_tiff_2d, write_sequence
+from data_files import DataError, check_labels, error_line, read_tiff_2d, write_sequence
+from movie_io import parse_frames, read_movie
 
 
 def frame_number(name: str):
@@ -30,30 +33,27 @@ def frame_number(name: str):
     return int(numbers[-1]) if numbers else None
 
 
-def read_frames(path: str) -> tuple[list[int], list]:
-    """(frame numbers, 2-D arrays) of a TIFF stack or of a folder of single-frame TIFFs."""
-    if os.path.isdir(path):
+def read_frames(path: str, channel=None, position=None, z=None) -> tuple[list[int], list]:
+    """(frame numbers, 2-D arrays) of a movie file or of a folder of single-frame TIFFs."""
+    if os.path.isdir(path) and not path.rstrip("/").lower().endswith(".zarr"):
         names = [n for n in os.listdir(path) if n.lower().endswith((".tif", ".tiff"))]
         if not names:
             raise DataError(f"{path}: no TIFF file in the folder")
         numbers = [frame_number(n) for n in names]
-        if None in numbers or len(set(numbers)) != len(numbers):
-            order = sorted(range(len(names)), key=lambda k: names[k])  # no usable numbers: by name
+        if None in numbers:
+            order = sorted(range(len(names)), key=lambda k: names[k])
+            print(f"note: {path}: {names[numbers.index(None)]} has no number in its name: frames ordered by name")
             numbers = list(range(len(names)))
         else:
+            first = {}
+            for name, number in sorted(zip(names, numbers)):
+                if number in first:
+                    raise DataError(f"{path}: {first[number]} and {name} both are frame {number}; rename one")
+                first[number] = name
             order = sorted(range(len(names)), key=lambda k: numbers[k])
         return [numbers[k] for k in order], [read_tiff_2d(os.path.join(path, names[k])) for k in order]
-    try:
-        stack = tifffile.imread(path)
-    except Exception as error:
-        raise DataError(f"{path}: unreadable TIFF ({error})") from error
-    stack = np.squeeze(stack)
-    if stack.ndim == 2:
-        stack = stack[None]
-    if stack.ndim != 3:
-        raise DataError(f"{path}: expected a stack of 2-D frames (T, H, W), got shape {stack.shape}")
-    check_pixels(stack, path)
-    return list(range(len(stack))), list(stack)
+    movie = read_movie(path, channel, position, slice(None), z)
+    return movie.frame_numbers, list(movie.frames)
 
 
 def colony_windows(masks, crop):
@@ -72,15 +72,15 @@ def colony_windows(masks, crop):
 
 
 def import_sequence(images_path: str, root_dir: str, name: str, masks_path: str | None = None, crop=None,
-                    frames: slice = slice(None)) -> int:
-    """Write one sequence in the challenge layout (`frames`: which of the input frames, in order); returns the number
-    of frames written."""
+                    frames: slice = slice(None), channel=None, position=None, z=None) -> int:
+    """Write one sequence in the challenge layout (`frames`: which of the input frames, in order; channel, position,
+    z: what to take from a movie file with several); returns the number of frames written."""
     for target in [os.path.join(root_dir, name)] + ([os.path.join(root_dir, f"{name}_GT")] if masks_path else []):
         if os.path.exists(target):
             raise DataError(f"{target}: already exists; choose another --name or remove it first")
     if crop is not None and min(crop) <= 0:
         raise DataError(f"{images_path}: --crop must be two positive sizes, got {tuple(crop)}")
-    numbers, images = read_frames(images_path)
+    numbers, images = read_frames(images_path, channel, position, z)
     numbers, images = numbers[frames], images[frames]
     if not images:
         raise DataError(f"{images_path}: no frame selected")
@@ -117,15 +117,18 @@ def main(argv=None):
     parser.add_argument("--name", required=True, help="sequence name, e.g. a, c or trpL")
     parser.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), default=None,
                         help="cut an H x W window that follows the labelled colony")
-    parser.add_argument("--frames", default=":", help="START:STOP, a range of the input frames (default: all)")
+    parser.add_argument("--frames", default=":", metavar="START:STOP", help="a range of the input frames (default: all)")
+    parser.add_argument("--channel", type=int, default=None, help="channel of a multi-channel movie file (0-based)")
+    parser.add_argument("--position", type=int, default=None, help="position (series, scene) of a movie file")
+    parser.add_argument("--z", type=int, default=None, help="plane of a z-stack")
     args = parser.parse_args(argv)
     try:
-        start, _, stop = args.frames.partition(":")
-        frames = slice(int(start) if start else None, int(stop) if stop else None)
-    except ValueError:
-        parser.error(f"--frames must be START:STOP, got {args.frames}")
+        frames = parse_frames(args.frames)
+    except ValueError as error:
+        parser.error(f"argument --frames: {error}")
     try:
-        count = import_sequence(args.images, args.root_dir, args.name, args.masks, args.crop, frames)
+        count = import_sequence(args.images, args.root_dir, args.name, args.masks, args.crop, frames, args.channel,
+                                args.position, args.z)
     except (DataError, OSError) as error:
         sys.exit(error_line(error))
     print(f"wrote {count} frames to {os.path.join(args.root_dir, args.name)}"

@@ -9,8 +9,10 @@ bioio and its reader plugins, an optional extra (`pip install -r requirements-mo
 
 Axes: time T, depth Z, channel C (and S, the samples of an RGB image), position P (a file's series or scenes), Y, X.
 Singleton axes are dropped. An unnamed axis beside Y and X (a plain multi-page TIFF) is time. A file with more than
-one channel (RGB included) needs `channel`; a z-stack and an axis that cannot be told apart are refused with the axes
-found, in one line, before anything is decoded.
+one channel (an RGB image included) needs `channel`; a z-stack needs `z`; an axis that cannot be told apart is refused
+with the axes found, in one line, before anything is decoded. Three or four planes stored as RGB planes in front of
+Y and X (SYX: how tifffile writes a short stack unless told otherwise) are read as frames, or as colours with
+`channel`.
 
 Pixel size (µm per pixel, None when the file does not say): OME's PhysicalSizeX, ImageJ's resolution with its unit,
 a TIFF resolution in centimetres, or what bioio reads from the file's own metadata. A TIFF resolution in inches is a
@@ -140,6 +142,10 @@ def pick_axes(axes: str, shape: tuple, path: str, channel: int | None, z: int | 
         raise DataError(f"{path}: cannot tell which axis is time ({found}); save it with named axes (OME-TIFF or "
                         f"ImageJ hyperstack), or one frame per page")
     take = {}
+    if "S" in axes and axes.index("S") < axes.index("Y") and channel is None and time_axis is None:
+        # 3 or 4 planes stored as RGB planes in front of Y, X: how tifffile writes a short stack by default (its own
+        # warning says so); without --channel they are the frames
+        return take, "S"
     colour = [a for a in "CS" if a in axes]
     if len(colour) > 1:
         raise DataError(f"{path}: channels on two axes ({found}); save one channel per file")

@@ -133,6 +133,16 @@ def test_imagej_and_centimetre_resolutions_give_the_pixel_size(tmp_path):
     assert movie.frames.shape == (2, 20, 30) and movie.frame_numbers == [1, 2]
 
 
+def test_a_short_stack_stored_as_rgb_planes_is_read_as_frames_or_as_colours(tmp_path):
+    stack = np.arange(3 * 20 * 30, dtype=np.uint16).reshape(3, 20, 30)
+    tifffile.imwrite(tmp_path / "planes.tif", stack, photometric="rgb", planarconfig="separate")  # axes SYX
+    np.testing.assert_array_equal(movie_io.read_movie(str(tmp_path / "planes.tif")).frames, stack)
+    np.testing.assert_array_equal(movie_io.read_movie(str(tmp_path / "planes.tif"), channel=2).frames, stack[2:])
+    tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(stack, 0, -1), photometric="rgb")  # YXS: an RGB image
+    with pytest.raises(DataError, match=r"an RGB image \(axes YXS 20 x 30 x 3\); choose one with --channel 0..2"):
+        movie_io.read_movie(str(tmp_path / "rgb.tif"))
+
+
 def test_czi_file_is_read_through_bioio_with_its_pixel_size(tmp_path):
     pytest.importorskip("bioio_czi", reason="the optional extra requirements-movie.txt is not installed")
     pyczi = pytest.importorskip("pylibCZIrw.czi", reason="pylibCZIrw (bioio-czi's dependency) writes the test file")
@@ -269,3 +279,22 @@ def test_bundled_model_on_a_real_crop_end_to_end(tmp_path):
     summary = json.loads((tmp_path / "out" / "segment.json").read_text())
     assert summary["pixel_size_um"] == pytest.approx(0.1) and summary["cell_width_px"] == pytest.approx(10)
     assert summary["mean_instance_dice"] > 0.7 and 14 <= summary["cells_last_frame"] <= 20
+
+
+def test_import_sequence_reads_movie_files_and_refuses_rgb_and_duplicate_numbers(tmp_path):
+    """import_sequence reads what segment.py reads: a channel of an OME-TIFF; a single RGB image is refused with its
+    axes (#41 F13); img_1.tif and img_01.tif in one folder are refused (F25)."""
+    from import_sequence import import_sequence
+    images, _ = rods_movie(n_frames=3)
+    tifffile.imwrite(tmp_path / "two.ome.tif", np.stack([images, images // 2], 1), metadata={"axes": "TCYX"})
+    assert import_sequence(str(tmp_path / "two.ome.tif"), str(tmp_path / "data"), "a", channel=1) == 3
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "data" / "a" / "t0002.tif"), images[2] // 2)
+    tifffile.imwrite(tmp_path / "photo.tif", np.zeros((64, 96, 3), np.uint8))
+    with pytest.raises(DataError, match=r"photo.tif: an RGB image \(axes YXS 64 x 96 x 3\); choose one with --channel"):
+        import_sequence(str(tmp_path / "photo.tif"), str(tmp_path / "data"), "b")
+    (tmp_path / "frames").mkdir()
+    for name in ("img_1.tif", "img_01.tif", "img_2.tif"):
+        tifffile.imwrite(tmp_path / "frames" / name, images[0])
+    with pytest.raises(DataError, match=r"frames: img_01.tif and img_1.tif both are frame 1; rename one"):
+        import_sequence(str(tmp_path / "frames"), str(tmp_path / "data"), "c")
+    assert sorted(os.listdir(tmp_path / "data")) == ["a"]
