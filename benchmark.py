@@ -26,8 +26,9 @@ from torch.utils.data import DataLoader, Dataset
 
 import simulate
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
-from data_files import list_frames, read_mask, write_sequence
-from dataset import LabelledFrames, UnlabelledFrames, load_image, normalise
+from data_files import list_frames, read_mask, read_tiff_2d, write_sequence
+from dataset import ResizedFrames, UnlabelledFrames, normalise
+from views import Resized
 from energy import EnergyMeter
 from inference import border_core_maps, pick_device, predict_sequence
 from metrics import instance_dice
@@ -59,8 +60,9 @@ class DecodingFrames(Dataset):
 
     def __getitem__(self, index):
         frame = self.frames[index]
-        image, shape = load_image(frame, self.input_size)
-        mask = read_mask(frame.mask_path, shape, frame.image_path)
+        raw = read_tiff_2d(frame.image_path)
+        image = Resized(self.input_size).image(raw, "baseline")
+        mask = read_mask(frame.mask_path, raw.shape, frame.image_path)
         size = (self.input_size, self.input_size)
         target = resize_nearest(border_core_targets_loop(mask), size)
         return (normalise(torch.from_numpy(image)[None]), torch.from_numpy(target.astype(np.int64)),
@@ -171,7 +173,7 @@ def loader_and_step_rows(root, sequence, input_size, batch_size, device, workers
     frames = list_frames(root, sequence, with_masks=True)
     rows = []
     with Stage(device) as cache_stage:
-        cached = LabelledFrames(frames, input_size, train=True)
+        cached = ResizedFrames(frames, Resized(input_size), "baseline", train=True)
 
     def loader_speed(dataset, epochs):
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
@@ -196,7 +198,7 @@ def loader_and_step_rows(root, sequence, input_size, batch_size, device, workers
     model = UNet(input_size=input_size).to(device)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     batch = next(iter(DataLoader(cached, batch_size=batch_size)))
-    images, targets = batch[0].to(device), batch[1].to(device)
+    images, targets = batch["image"].to(device), batch["target"].to(device)
     cuda = device.type == "cuda"
 
     def train_step():
@@ -220,7 +222,7 @@ def loader_and_step_rows(root, sequence, input_size, batch_size, device, workers
 def inference_rows(root, sequence, input_size, batch_size, device, workers):
     model = UNet(input_size=input_size)
     frames = list_frames(root, sequence, with_masks=False)
-    loader = DataLoader(UnlabelledFrames(frames, input_size), batch_size=batch_size, num_workers=workers)
+    loader = DataLoader(UnlabelledFrames(frames, model.view, "baseline"), batch_size=batch_size, num_workers=workers)
     for _ in border_core_maps(model, loader, device):  # warm-up: CUDA context, cudnn choice
         break
     with Stage(device) as model_stage:

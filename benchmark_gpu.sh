@@ -46,14 +46,14 @@ repeat_sequence train "$TRAIN_REPEAT" a
 repeat_sequence val 1 b
 repeat_sequence infer "$INFER_REPEAT" a b
 CELL_WIDTH=${3:-$($PY -c "
-from augment import median_cell_width; from dataset import list_frames, read_mask
+from scale import median_cell_width; from data_files import list_frames, read_mask
 print(f'{median_cell_width(read_mask(f.mask_path) for f in list_frames(\"$DATA\", \"a\", True)):.2f}')")}
 
-common=(--root_dir "$WORK/data" --train_seqs train --val_seqs val --num_workers "$WORKERS" --progress_bar off)
-$PY train.py "${common[@]}" --recipe faithful --num_epochs "$FAITHFUL_EPOCHS" --input_size "$INPUT_SIZE" \
+common=(--root_dir "$WORK/data" --train_seqs train --val_seqs val --num_workers "$WORKERS")
+$PY train.py "${common[@]}" --config recipes/faithful.yaml --num_epochs "$FAITHFUL_EPOCHS" --set input_size="$INPUT_SIZE" \
   --out_dir "$OUT/faithful" 2>&1 | tee "$OUT/faithful.log"
-$PY train.py "${common[@]}" --recipe patches --num_epochs "$PATCH_EPOCHS" --patch_size "$PATCH_SIZE" \
-  --batch_size "$BATCH_SIZE" --patches_per_epoch "$PATCHES" --min_area_fraction 0 --out_dir "$OUT/patches" 2>&1 |
+$PY train.py "${common[@]}" --config recipes/patches.yaml --num_epochs "$PATCH_EPOCHS" --set patch_size="$PATCH_SIZE" \
+  --batch_size "$BATCH_SIZE" --set patches_per_epoch="$PATCHES" --set size_filter=false --out_dir "$OUT/patches" 2>&1 |
   tee "$OUT/patches.log"
 FAITHFUL_MODEL=${FAITHFUL_MODEL:-$OUT/faithful/checkpoints/best.ckpt}
 PATCH_MODEL=${PATCH_MODEL:-$OUT/patches/checkpoints/best.ckpt}

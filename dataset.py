@@ -1,6 +1,10 @@
-"""Training data: the frames as the model sees them (resized, or at the model's scale in random augmented patches),
-border-core targets, the baseline's transforms and the LightningDataModule. The files themselves are read and written
-by data_files.py.
+"""Training data: labelled frames as the model's view sees them, border-core targets, the baseline's transforms and
+the LightningDataModule. Files are read and written by data_files.py; how a view sees a frame is views.py.
+
+    training_sets(frames, recipe, ...)   the one place where the recipe's view picks the training data
+    ResizedFrames     the original baseline's: whole frames resized, flips and brightness/contrast (docs/baseline.md §4)
+    ScaledFrames      frames at the model's scale: random augmented patches for training, whole frames for validation
+    UnlabelledFrames  frames (files or arrays) for prediction, read lazily
 """
 import lightning as L
 import numpy as np
@@ -9,9 +13,10 @@ from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset
 
 from augment import IGNORE, foreground_pixels, random_patch
-from border_core import border_core_targets, contact_pixels, resize_nearest
-from data_files import (DataError, Frame, compact_labels, default_sequences, list_frames, read_mask, read_tiff_2d,
-                        rescale, to_uint8_range)
+from border_core import SCORE_SIZE, border_core_targets, contact_pixels, resize_nearest
+from data_files import DataError, Frame, compact_labels, list_frames, read_mask, read_tiff_2d, rescale
+from scale import median_cell_width, training_scales
+from views import Resized, Tiled
 
 
 # -------------------------------------------------------------------------------------------------------------- transforms
@@ -37,44 +42,41 @@ def random_brightness_contrast(image: torch.Tensor, p: float = 0.2, limit: float
 
 
 # ---------------------------------------------------------------------------------------------------------------- datasets
-# Two views of the frames. The faithful recipe (SPEC §4) resizes every frame to one square input_size. The patch
-# recipe keeps each frame at the model's scale (its own, times `scale`), trains on random patches of it and predicts
-# it whole, tile by tile.
 
-def load_image(frame: Frame, input_size: int, intensity: str = "baseline") -> tuple[np.ndarray, tuple[int, int]]:
-    """Image at input_size x input_size on the 0..255 scale (float32), and its size on disk (the faithful view)."""
+def read_labelled(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    """(image, instance labels as int64) of a frame, each decoded and checked once."""
     image = read_tiff_2d(frame.image_path)
-    return resize_nearest(to_uint8_range(image, intensity), (input_size, input_size)), image.shape
+    return image, compact_labels(read_mask(frame.mask_path, image.shape, frame.image_path))
 
 
-def load_scaled(frame: Frame, scale: float = 1.0, intensity: str = "percentile") -> tuple[np.ndarray, tuple[int, int]]:
-    """Image at the model's scale on the 0..255 scale (float32), and its size on disk (the patch recipe's view)."""
-    image = read_tiff_2d(frame.image_path)
-    return rescale(to_uint8_range(image, intensity), scale), image.shape
+def validation_item(image: np.ndarray, labels: np.ndarray, frame_shape) -> dict:
+    """A whole validation frame as the model sees it: image, its targets, the ground truth at the score size and the
+    frame's own size (to go back there as inference does)."""
+    return {"image": normalise(torch.from_numpy(np.asarray(image, np.float32))[None]),
+            "target": torch.from_numpy(border_core_targets(labels).astype(np.int64)),
+            "instances": torch.from_numpy(resize_nearest(labels, SCORE_SIZE)),
+            "shape": torch.tensor(frame_shape)}
 
 
-class LabelledFrames(Dataset):
-    """Frames with masks, decoded, turned into targets and resized once, then kept in memory (the faithful recipe).
+class ResizedFrames(Dataset):
+    """Frames with masks, decoded, turned into targets and resized to input_size once, then kept in memory (float16
+    images on the 0..255 scale: exact for uint8, 1/8 grey level for deeper data). As a training set each item gets
+    the baseline's random flip and brightness/contrast; every pixel weighs the same in the loss."""
 
-    Item: (image 1 x S x S float, target S x S long, gt instances at score_size x score_size int64).
-    Images are kept as float16 on the 0..255 scale: exact for uint8 data, 1/8 grey level for deeper data.
-    """
-
-    def __init__(self, frames: list[Frame], input_size: int = 512, train: bool = False, score_size: int = 256,
-                 intensity: str = "baseline"):
+    def __init__(self, frames: list[Frame], view: Resized, intensity: str, train: bool = False):
         if not frames:
             raise DataError("no frames given")
-        self.frames, self.train = frames, train
-        size = (input_size, input_size)
-        self.images = np.empty((len(frames), input_size, input_size), np.float16)
-        self.targets = np.empty((len(frames), input_size, input_size), np.uint8)
-        self.instances = np.empty((len(frames), score_size, score_size), np.int64)
+        self.frames, self.train, size = frames, train, view.input_size
+        self.images = np.empty((len(frames), size, size), np.float16)
+        self.targets = np.empty((len(frames), size, size), np.uint8)
+        self.instances = np.empty((len(frames), *SCORE_SIZE), np.int64)
+        self.shapes = []
         for i, frame in enumerate(frames):
-            image, shape = load_image(frame, input_size, intensity)
-            mask = read_mask(frame.mask_path, shape, frame.image_path)
-            self.images[i] = image
-            self.targets[i] = resize_nearest(border_core_targets(mask), size)
-            self.instances[i] = resize_nearest(compact_labels(mask), (score_size, score_size))
+            image, labels = read_labelled(frame)
+            self.images[i] = view.image(image, intensity)
+            self.targets[i] = resize_nearest(border_core_targets(labels), (size, size))
+            self.instances[i] = resize_nearest(labels, SCORE_SIZE)
+            self.shapes.append(image.shape)
 
     def __len__(self):
         return len(self.frames)
@@ -85,141 +87,130 @@ class LabelledFrames(Dataset):
         if self.train:
             image, target = random_horizontal_flip(image, target)
             image = random_brightness_contrast(image)
-        return normalise(image), target, torch.from_numpy(self.instances[index])
+            return {"image": normalise(image), "target": target, "weight": torch.ones(target.shape)}
+        return {"image": normalise(image), "target": target, "instances": torch.from_numpy(self.instances[index]),
+                "shape": torch.tensor(self.shapes[index])}
 
 
 class ScaledFrames(Dataset):
-    """Frames with masks at the model's scale, read once and kept in memory (the patch recipe).
+    """Frames with masks at the model's scale, kept in memory. `labelled`: (sequence, image, labels) triples at the
+    frames' own size; `scales`: {sequence: factor}, so that sequences whose cells differ in width all reach the
+    model's cell width.
 
-    `scale`: one factor for every frame, or one per sequence name ({sequence: factor}), so that sequences whose cells
-    differ in width all reach the model's cell width. As a training set (`patches_per_epoch` given) an item is a
-    random augmented patch (`augment.random_patch`; `photometric` False leaves out its gamma, contrast, brightness,
-    blur and noise): (image 1 x P x P, target P x P with augment.IGNORE outside the frame, the loss's weights P x P:
-    0 outside the frame, 1 + `contact_weight` where touching cells meet, 1 elsewhere); an epoch is that many patches,
-    however few the frames. As a validation set an item is a whole frame: (image 1 x H x W, target H x W, gt
-    instances at score_size x score_size, the frame's own size), H x W its size at the model's scale.
+    With `patches_per_epoch` (a training set) an item is a random augmented patch (augment.random_patch): image,
+    target (IGNORE outside the frame) and the loss's weight per pixel (0 outside the frame, 1 + contact_weight where
+    touching cells meet, 1 elsewhere); an epoch is that many patches, however few the frames. Without it (a
+    validation set) an item is a whole frame (validation_item).
     """
 
-    def __init__(self, frames: list[Frame], scale: float | dict = 1.0, intensity: str = "percentile",
-                 patch_size: int = 256, patches_per_epoch: int | None = None, augment: bool = True,
-                 score_size: int = 256, turn: bool = True, contact_weight: float = 0.0, elastic: float = 0.0,
-                 photometric: bool = True):
-        if not frames:
+    def __init__(self, labelled: list, scales: dict, intensity: str, patch_size: int = 256,
+                 patches_per_epoch: int | None = None, augment: bool = True, turn: bool = True,
+                 photometric: bool = True, contact_weight: float = 0.0):
+        if not labelled:
             raise DataError("no frames given")
-        self.frames, self.patch_size, self.patches_per_epoch, self.augment = frames, patch_size, patches_per_epoch, augment
-        self.turn, self.contact_weight, self.elastic, self.photometric = turn, contact_weight, elastic, photometric
+        self.scales, self.patch_size, self.patches_per_epoch, self.augment = scales, patch_size, patches_per_epoch, \
+            augment
+        self.turn, self.photometric, self.contact_weight = turn, photometric, contact_weight
+        view = Tiled()
         self.images, self.masks, self.foreground, self.instances, self.shapes = [], [], [], [], []
-        for frame in frames:
-            frame_scale = scale[frame.sequence] if isinstance(scale, dict) else scale
-            image, shape = load_scaled(frame, frame_scale, intensity)
-            mask = compact_labels(read_mask(frame.mask_path, shape, frame.image_path))
-            self.images.append(image.astype(np.float16))
-            self.masks.append(rescale(mask, frame_scale, order=0))
+        for sequence, image, labels in labelled:
+            self.images.append(view.image(image, intensity, scales[sequence]).astype(np.float16))
+            self.masks.append(rescale(labels, scales[sequence], order=0))
             self.foreground.append(foreground_pixels(self.masks[-1]))
-            self.instances.append(resize_nearest(mask, (score_size, score_size)))
-            self.shapes.append(shape)
+            self.instances.append(resize_nearest(labels, SCORE_SIZE))
+            self.shapes.append(image.shape)
 
     def __len__(self):
-        return self.patches_per_epoch or len(self.frames)
+        return self.patches_per_epoch or len(self.images)
 
     def __getitem__(self, index):
         if self.patches_per_epoch is None:
-            image = torch.from_numpy(self.images[index].astype(np.float32))[None]
-            target = torch.from_numpy(border_core_targets(self.masks[index]).astype(np.int64))
-            return normalise(image), target, torch.from_numpy(self.instances[index]), torch.tensor(self.shapes[index])
+            item = validation_item(self.images[index], self.masks[index], self.shapes[index])
+            item["instances"] = torch.from_numpy(self.instances[index])
+            return item
         # torch's generator is seeded per loader worker (seed_everything(workers=True)): reproducible patches
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
-        k = int(rng.integers(len(self.frames)))
+        k = int(rng.integers(len(self.images)))
         patch, target, labels = random_patch(self.images[k], self.masks[k], self.patch_size, rng, self.foreground[k],
-                                             self.augment, turn=self.turn, elastic=self.elastic,
-                                             intensity=self.photometric)
-        # the loss's weight per pixel: 0 outside the frame, 1 + contact_weight where touching cells meet
-        weights = (target != IGNORE).astype(np.float32)
+                                             self.augment, turn=self.turn, intensity=self.photometric)
+        weight = (target != IGNORE).astype(np.float32)
         if self.contact_weight:
-            weights[contact_pixels(labels) & (target != IGNORE)] += self.contact_weight
-        return normalise(torch.from_numpy(patch)[None]), torch.from_numpy(target.astype(np.int64)), \
-            torch.from_numpy(weights)
+            weight[contact_pixels(labels) & (target != IGNORE)] += self.contact_weight
+        return {"image": normalise(torch.from_numpy(patch)[None]), "target": torch.from_numpy(target.astype(np.int64)),
+                "weight": torch.from_numpy(weight)}
+
+
+def training_sets(train_frames: list[Frame], val_frames: list[Frame], recipe, model_cell_width: float | None = None,
+                  inherited_cell_width: float | None = None):
+    """(train set, val set, the model's cell width or None) as the recipe's view sees the labelled frames. Every
+    frame is decoded and checked here, before a run folder exists (DataError on the first bad one).
+
+    Resized view: frames resized to the recipe's input_size, no scale. Tiled view: the cells' width is measured in
+    each sequence's masks and each sequence rescaled to the model's width (scale.training_scales)."""
+    if not train_frames or not val_frames:
+        raise DataError("no frames given")
+    if recipe.view == "resized":
+        view = Resized(recipe.input_size)
+        return (ResizedFrames(train_frames, view, recipe.intensity, train=True),
+                ResizedFrames(val_frames, view, recipe.intensity), None)
+    train = [(f.sequence, *read_labelled(f)) for f in train_frames]
+    val = [(f.sequence, *read_labelled(f)) for f in val_frames]
+    widths = {}
+    for sequence, _, labels in train + val:
+        widths.setdefault(sequence, []).append(labels)
+    widths = {sequence: median_cell_width(masks) for sequence, masks in widths.items()}
+    if not np.isfinite([widths[f.sequence] for f in train_frames]).any():
+        raise DataError(f"{train_frames[0].mask_path}: the training masks hold no cell")
+    validation_only = {f.sequence for f in val_frames} - {f.sequence for f in train_frames}
+    cell_width, scales = training_scales(widths, model_cell_width, inherited_cell_width, validation_only)
+    train_set = ScaledFrames(train, scales, recipe.intensity, recipe.patch_size, recipe.patches_per_epoch,
+                             recipe.augment, turn=recipe.turn, photometric=recipe.photometric,
+                             contact_weight=recipe.contact_weight)
+    return train_set, ScaledFrames(val, scales, recipe.intensity), cell_width
 
 
 class UnlabelledFrames(Dataset):
-    """Frames for prediction, read lazily (in the loader's workers). Item: (image 1 x H x W float, index): resized to
-    input_size x input_size (faithful view) or, with `scale` (one for all frames, or a list with one per frame), at
-    the model's scale (patch view)."""
+    """Frames for prediction, read lazily (in the loader's workers): files (Frame) or arrays, as `view` sees them, at
+    `scale` (one for all frames, or one per frame; tiled view). Item: (image 1 x H x W float, index)."""
 
-    def __init__(self, frames: list[Frame], input_size: int = 512, scale: float | list[float] | None = None,
-                 intensity: str = "baseline"):
-        if not frames:
+    def __init__(self, frames: list, view, intensity: str, scale: float | list[float] = 1.0):
+        if not len(frames):
             raise DataError("no frames given")
-        self.frames, self.input_size, self.scale, self.intensity = frames, input_size, scale, intensity
+        self.frames, self.view, self.intensity, self.scale = frames, view, intensity, scale
 
     def __len__(self):
         return len(self.frames)
 
     def __getitem__(self, index):
-        if self.scale is None:
-            image, _ = load_image(self.frames[index], self.input_size, self.intensity)
-        else:
-            scale = self.scale[index] if isinstance(self.scale, (list, tuple)) else self.scale
-            image, _ = load_scaled(self.frames[index], scale, self.intensity)
-        return normalise(torch.from_numpy(image)[None]), index
+        frame = self.frames[index]
+        image = read_tiff_2d(frame.image_path) if isinstance(frame, Frame) else np.asarray(frame)
+        scale = self.scale[index] if isinstance(self.scale, (list, tuple)) else self.scale
+        return normalise(torch.from_numpy(self.view.image(image, self.intensity, scale))[None]), index
 
 
 # ---------------------------------------------------------------------------------------------------------- data module
 
+def labelled_frames(root_dir: str, sequences) -> list[Frame]:
+    return [f for sequence in sequences for f in list_frames(root_dir, sequence, with_masks=True)]
+
+
 class CellDataModule(L.LightningDataModule):
-    """Train and val loaders over sequences chosen by name (defaults by layout, see DEFAULT_SEQUENCES).
+    """Loaders over a train and a val set made beforehand (training_sets): every frame is read and checked before
+    the Trainer exists. Validation frames go one per batch in the tiled view (frames may differ in size)."""
 
-    patch_size 0: the faithful recipe, whole frames resized to input_size. Otherwise the patch recipe: frames at the
-    model's scale (their own times `scale`), patches_per_epoch random augmented patches per epoch; validation on
-    whole frames, one per batch (frames of different sequences may differ in size).
-    """
-
-    def __init__(self, root_dir: str, train_seqs=None, val_seqs=None, batch_size: int = 16, input_size: int = 512,
-                 num_workers: int = 2, patch_size: int = 0, patches_per_epoch: int = 512, scale: float = 1.0,
-                 intensity: str = "baseline", augment: bool = True, turn: bool = True, contact_weight: float = 0.0,
-                 elastic: float = 0.0, photometric: bool = True):
+    def __init__(self, train_set: Dataset, val_set: Dataset, batch_size: int, val_batch_size: int,
+                 num_workers: int = 2):
         super().__init__()
-        self.root_dir, self.batch_size, self.input_size, self.num_workers = root_dir, batch_size, input_size, num_workers
-        self.patch_size, self.patches_per_epoch, self.scale = patch_size, patches_per_epoch, scale
-        self.intensity, self.augment, self.turn, self.contact_weight = intensity, augment, turn, contact_weight
-        self.elastic, self.photometric = elastic, photometric
-        self.sequences = {
-            "train": list(train_seqs or default_sequences(root_dir, "train")),
-            "val": list(val_seqs or default_sequences(root_dir, "val")),
-        }
+        self.train_set, self.val_set = train_set, val_set
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
 
-    def frames(self, split: str) -> list[Frame]:
-        return [f for seq in self.sequences[split] for f in list_frames(self.root_dir, seq, with_masks=True)]
-
-    def dataset(self, split: str) -> Dataset:
-        if self.patch_size and split == "train":
-            return ScaledFrames(self.frames("train"), self.scale, self.intensity, self.patch_size,
-                                self.patches_per_epoch, self.augment, turn=self.turn,
-                                contact_weight=self.contact_weight, elastic=self.elastic,
-                                photometric=self.photometric)
-        if self.patch_size:
-            return ScaledFrames(self.frames(split), self.scale, self.intensity)
-        return LabelledFrames(self.frames(split), self.input_size, train=split == "train", intensity=self.intensity)
-
-    def load(self):
-        """Read and check every train and val frame now (DataError on the first bad one), so that a script can fail
-        before it creates anything; setup then uses these."""
-        self.train_set, self.val_set = self.dataset("train"), self.dataset("val")
-
-    def setup(self, stage: str):
-        if stage == "fit" and getattr(self, "train_set", None) is None:
-            self.train_set = self.dataset("train")
-        if stage in ("fit", "validate") and getattr(self, "val_set", None) is None:
-            self.val_set = self.dataset("val")
-
-    def _loader(self, dataset, shuffle: bool = False, sampler=None):
-        batch_size = 1 if self.patch_size and dataset is getattr(self, "val_set", None) else self.batch_size
+    def _loader(self, dataset, batch_size: int, shuffle: bool = False, sampler=None):
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
                           num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                           pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self):
-        return self._loader(self.train_set, shuffle=True)
+        return self._loader(self.train_set, self.batch_size, shuffle=True)
 
     def val_dataloader(self):
         """Each val frame exactly once. Under DDP Lightning would give the val loader a DistributedSampler, which pads
@@ -229,6 +220,6 @@ class CellDataModule(L.LightningDataModule):
         buffers without grad; the metrics are reduced once, at the epoch's end)."""
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.world_size == 1:
-            return self._loader(self.val_set)
+            return self._loader(self.val_set, self.val_batch_size)
         sampler = UnrepeatedDistributedSampler(self.val_set, shuffle=False, **trainer.distributed_sampler_kwargs)
-        return self._loader(self.val_set, sampler=sampler)
+        return self._loader(self.val_set, self.val_batch_size, sampler=sampler)

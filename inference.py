@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from augment import median_cell_width
-from border_core import (SCORE_SIZE, instances_at_score_size, instances_from_border_core, resize_nearest,
-                         resize_nearest_exact)
+from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest_exact
 from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, default_sequences, error_line,
                         frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
 from dataset import UnlabelledFrames
 from energy import EnergyMeter
-from unet import SCALE_TOLERANCE, UNet, load_model, postprocess_thresholds, sliding_window_logits
+from scale import frame_scale, median_cell_width
+from unet import UNet, load_model
 
 
 BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "bacteria_generalist.pt")
@@ -39,14 +38,11 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 @torch.inference_mode()
-def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", tile_batch: int = 4):
-    """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices).
-
-    Faithful models see the frames resized to their input size; patch models see each frame whole at their scale,
-    tile by tile (unet.sliding_window_logits). On the GPU when there is one (the baseline left the model on the CPU),
-    there in float16 autocast and channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per
-    pixel) comes back to the host.
-    """
+def border_core_maps(model: UNet, loader, device: str | torch.device = "auto"):
+    """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices), as the model's view sees
+    the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in float16
+    autocast and channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per pixel) comes back to
+    the host."""
     device = pick_device(device) if isinstance(device, str) else device
     cuda = device.type == "cuda"
     model = model.to(device).eval()
@@ -54,60 +50,48 @@ def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", t
         model = model.to(memory_format=torch.channels_last)
     for images, indices in loader:
         images = images.to(device, non_blocking=True)
+        if cuda:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            if model.hparams.patch_size:
-                logits = [sliding_window_logits(model, image, model.hparams.tile_size, batch_size=tile_batch)
-                          for image in images]
-                semantic = torch.stack([l.argmax(0) for l in logits]).to(torch.uint8)
-            else:
-                if cuda:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                semantic = model(images).argmax(1).to(torch.uint8)
+            semantic = model.view.logits(model, images).argmax(1).to(torch.uint8)
         yield indices.tolist(), semantic.cpu().numpy()
 
 
 class Postprocess:
     """Border-core map -> instances (in the model's pixels, where its thresholds hold) -> the challenge's 256 x 256
-    map and, with `native`, the map at the frame's own size; given an output folder, the files are written
-    atomically and their paths returned, else the 256 x 256 map is. A class, not a closure, so that a process pool
-    can take it."""
+    map (as the model's view says) and, with `native`, the map at the frame's own size. Given an output folder, the
+    files are written atomically and their paths returned; else the maps are (the native one where asked). A class
+    holding only the thresholds and the view, not the model, so that a process pool takes it cheaply."""
 
-    def __init__(self, model: UNet, frames=None, out_folder: str | None = None, output_size=SCORE_SIZE,
-                 native: bool = False):
-        self.thresholds = postprocess_thresholds(model)
-        self.frames, self.out_folder, self.output_size, self.native = frames, out_folder, output_size, native
-        # a patch model's instances go back to the frame's own size before the challenge's 256 x 256 rule (as its
-        # ground truth at 256 is made); the faithful recipe resizes its 512 x 512 map straight to 256, as SPEC §5
-        self.shapes = ([frame_shape(frame.image_path) for frame in frames]
-                       if frames is not None and (native or model.hparams.patch_size) else None)
-        self.via_frame_size = bool(model.hparams.patch_size)
+    def __init__(self, model: UNet, shapes: list, names: list | None = None, out_folder: str | None = None,
+                 native: bool = False, score_size=SCORE_SIZE):
+        hparams = model.hparams
+        self.thresholds = (hparams.small_center_threshold, hparams.isolated_border_threshold, hparams.min_area_fraction)
+        self.view, self.shapes, self.names, self.out_folder = model.view, shapes, names, out_folder
+        self.native, self.score_size = native, score_size
 
     def __call__(self, index: int, semantic: np.ndarray):
         instances = instances_from_border_core(semantic, *self.thresholds)
-        if self.via_frame_size and self.shapes is not None:
-            at_score_size = instances_at_score_size(instances, self.shapes[index], self.output_size)
-        else:
-            at_score_size = resize_nearest(instances, self.output_size)
+        shape = tuple(self.shapes[index])
         if self.out_folder is None:
-            return at_score_size
-        name = self.frames[index].name
-        paths = [os.path.join(self.out_folder, prediction_name(name))]
-        write_tiff_atomically(paths[0], narrowest_unsigned(at_score_size))
+            return resize_nearest_exact(instances, shape) if self.native else \
+                self.view.instances_at(instances, shape, self.score_size)
+        paths = [os.path.join(self.out_folder, prediction_name(self.names[index]))]
+        write_tiff_atomically(paths[0], narrowest_unsigned(self.view.instances_at(instances, shape, self.score_size)))
         if self.native:
-            paths.append(os.path.join(self.out_folder, prediction_name(name, native=True)))
-            write_tiff_atomically(paths[1], narrowest_unsigned(resize_nearest_exact(instances, self.shapes[index])))
+            paths.append(os.path.join(self.out_folder, prediction_name(self.names[index], native=True)))
+            write_tiff_atomically(paths[1], narrowest_unsigned(resize_nearest_exact(instances, shape)))
         return paths
 
 
 def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device = "auto",
                                                    postprocess=None, pool=None, in_flight: int = 4):
     """The one inference path (the baseline's name): run the model over a loader of (images, indices) batches and
-    yield (index, postprocess(index, border-core map)) in loader order; by default the instance map at 256 x 256.
+    yield (index, postprocess(index, border-core map)) in loader order.
 
     With a multiprocessing pool, postprocessing runs in the pool while the model works on the next batches, at most
     `in_flight` batches ahead, so memory stays bounded; a worker's error is raised here.
     """
-    postprocess = postprocess or Postprocess(model)
     pending = deque()
     for indices, maps in border_core_maps(model, loader, device):
         if pool is None:
@@ -121,79 +105,88 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
         yield from zip(done, result.get())
 
 
-def frames_loader(model: UNet, frames, scale: float, batch_size: int, num_workers: int, device: torch.device):
-    """Faithful models: frames resized to input_size, batched. Patch models: whole frames at the model's scale, one
-    per batch (the tiles are batched instead)."""
-    if model.hparams.patch_size:
-        dataset, batch_size = UnlabelledFrames(frames, scale=scale, intensity=model.hparams.intensity), 1
-    else:
-        dataset = UnlabelledFrames(frames, model.hparams.input_size, intensity=model.hparams.intensity)
-    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda")
+def frames_loader(model: UNet, frames: list, scale: float | list[float], batch_size: int, num_workers: int,
+                  device: torch.device) -> DataLoader:
+    """Frames (files or arrays) as the model's view sees them, batched as the view allows."""
+    dataset = UnlabelledFrames(frames, model.view, model.hparams.intensity, scale)
+    return DataLoader(dataset, batch_size=model.view.batch_size(batch_size), num_workers=num_workers,
+                      pin_memory=device.type == "cuda")
 
 
-def estimate_scale(model: UNet, frames, device: torch.device, probes: int = 3, rounds: int = 2) -> tuple[float, float]:
-    """(scale, measured cell width in px) for frames of unknown pixel size, the way Cellpose estimates a diameter by
-    segmenting: predict a few frames (first, middle, last), measure the median width of the cells found, rescale
-    so that it matches the model's cell width, and once more at the new scale to refine it."""
+def estimate_cell_width(model: UNet, frames: list, device: torch.device, probes: int = 3) -> float:
+    """The cells' width in frames of unknown pixel size, px, the way Cellpose estimates a diameter by segmenting: a
+    few frames (first, middle, last) predicted at the scale their first measure suggests, the cells found measured.
+    One prediction per probe where the model's width fits, two where the frames must be rescaled. NaN where no cell
+    is found."""
     picks = [frames[k] for k in sorted({0, len(frames) // 2, len(frames) - 1})][:probes]
-    scale, measured = 1.0, float("nan")
-    for _ in range(rounds):
+    measured, scale = float("nan"), 1.0
+    for _ in range(2):
         loader = frames_loader(model, picks, scale, 1, 0, device)
-        maps = [semantic for _, batch in border_core_maps(model, loader, device) for semantic in batch]
-        width_at_scale = median_cell_width([instances_from_border_core(m, *postprocess_thresholds(model))
-                                            for m in maps])
-        if not np.isfinite(width_at_scale) or width_at_scale <= 0:
-            break  # nothing found: keep the scale we have
-        measured = width_at_scale / scale
-        scale = float(np.clip(model.hparams.cell_width / measured, 0.25, 4.0))
-    return scale, measured
+        widths = median_cell_width(model.instances(semantic) for _, batch in border_core_maps(model, loader, device)
+                                   for semantic in batch)
+        if not np.isfinite(widths) or widths <= 0:
+            break  # nothing found: keep what we have
+        measured = widths / scale
+        new_scale = float(np.clip(frame_scale(model.hparams.cell_width, measured), 0.25, 4.0))
+        if new_scale == scale:
+            break
+        scale = new_scale
+    return measured
 
 
-def frame_scales(model: UNet, frames, device: torch.device) -> tuple[list[float], list[float]]:
-    """([scale of each frame], [cells' measured width in each frame, px]): estimate_scale with every frame as its
-    own probe, for collections of unrelated images; a scale within SCALE_TOLERANCE is taken as 1."""
-    scales, widths = [], []
-    for frame in frames:
-        scale, measured = estimate_scale(model, [frame], device)
-        scales.append(1.0 if SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1] else scale)
-        widths.append(measured)
-    return scales, widths
+def sequence_scale(model: UNet, frames: list, device: torch.device, cell_width: float | None = None,
+                   each_frame: bool = False, say=print, name: str = "frames") -> float | list[float]:
+    """The factor (or, with each_frame, one per frame) that brings the frames' cells to the model's width: from
+    `cell_width` where given, else estimated (estimate_cell_width); 1 for a model without a recorded scale."""
+    if not (model.view.rescales and model.hparams.cell_width):
+        return 1.0
+    if cell_width is None and each_frame:
+        widths = [estimate_cell_width(model, [frame], device) for frame in frames]
+        scales = [frame_scale(model.hparams.cell_width, width) for width in widths]
+        say(f"{name}: cells {np.nanmin(widths):.1f}..{np.nanmax(widths):.1f} px wide (estimated per frame), model's "
+            f"{model.hparams.cell_width:.1f} px: scales {min(scales):.2f}..{max(scales):.2f}")
+        return scales
+    how = "given" if cell_width is not None else "estimated"
+    width = cell_width if cell_width is not None else estimate_cell_width(model, frames, device)
+    scale = frame_scale(model.hparams.cell_width, width)
+    say(f"{name}: cells about {width:.1f} px wide ({how}), model's {model.hparams.cell_width:.1f} px: " +
+        ("frames as they are" if scale == 1 else f"scale {scale:.2f}"))
+    return scale
+
+
+def predict_images(model: UNet, images, cell_width: float | None = None, device: str | torch.device = "auto",
+                   progress=None, batch_size: int = 8) -> list[np.ndarray]:
+    """Instance maps (uint32, at each image's own size) of 2-D images (arrays of any dtype), e.g. a movie's frames.
+
+    cell_width: the cells' width in these images, px; None: estimated from them. `progress(done, total)` is called
+    after each frame."""
+    device = pick_device(device) if isinstance(device, str) else device
+    images = list(images)
+    scale = sequence_scale(model, images, device, cell_width, say=lambda line: None)
+    loader = frames_loader(model, images, scale, batch_size, 0, device)
+    postprocess = Postprocess(model, [np.shape(image) for image in images], native=True)
+    results = [None] * len(images)
+    for done, (index, labels) in enumerate(predict_instance_segmentation_from_border_core(model, loader, device,
+                                                                                           postprocess), 1):
+        results[index] = labels
+        if progress:
+            progress(done, len(images))
+    return results
 
 
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
                      device: torch.device, pool=None, cell_width: float | None = None, native: bool = False,
                      scale_each_frame: bool = False) -> int:
-    """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames.
-
-    cell_width: the cells' width in these frames, in px; patch models rescale the frames by their own cell width over
-    it. None: estimated (estimate_scale) when the model records its cell width, once for the sequence or, with
-    scale_each_frame, for every frame (a collection of unrelated images); else the frames are taken as they are.
-    Given or estimated, a scale within SCALE_TOLERANCE is taken as 1.
-    """
+    """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames. cell_width: the
+    cells' width in these frames, px (None: estimated, once for the sequence or, with scale_each_frame, per frame)."""
     frames = list_frames(root_dir, sequence, with_masks=False)
-    scale = 1.0
-    knows_its_scale = bool(model.hparams.patch_size and model.hparams.cell_width)
-    if knows_its_scale and cell_width is None and scale_each_frame:
-        scale, widths = frame_scales(model, frames, device)
-        print(f"sequence {sequence}: cells {np.nanmin(widths):.1f}..{np.nanmax(widths):.1f} px wide (estimated per "
-              f"frame), model's {model.hparams.cell_width:.1f} px: scales {min(scale):.2f}..{max(scale):.2f}")
-    elif knows_its_scale:
-        if cell_width is None:
-            scale, measured = estimate_scale(model, frames, device)
-            how = "estimated"
-        else:
-            scale, measured, how = model.hparams.cell_width / cell_width, cell_width, "given"
-        # the model learnt scales 0.7-1.4 (augmentation): resampling for a small mismatch costs more than it buys
-        kept = SCALE_TOLERANCE[0] <= scale <= SCALE_TOLERANCE[1]
-        print(f"sequence {sequence}: cells about {measured:.1f} px wide ({how}), model's "
-              f"{model.hparams.cell_width:.1f} px: " + ("frames as they are" if kept else f"scale {scale:.2f}"))
-        scale = 1.0 if kept else scale
+    scale = sequence_scale(model, frames, device, cell_width, scale_each_frame, name=f"sequence {sequence}")
     loader = frames_loader(model, frames, scale, batch_size, num_workers, device)
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
-    written = predict_instance_segmentation_from_border_core(
-        model, loader, device, Postprocess(model, frames, out_folder, native=native), pool)
-    return sum(1 for _ in written)
+    postprocess = Postprocess(model, [frame_shape(f.image_path) for f in frames], [f.name for f in frames],
+                              out_folder, native)
+    return sum(1 for _ in predict_instance_segmentation_from_border_core(model, loader, device, postprocess, pool))
 
 
 def old_predictions(pred_dir: str, sequence: str) -> list[str]:

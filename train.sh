@@ -19,6 +19,7 @@
 #   sbatch --reservation=aihero-gpu train.sh     # in the event's reservation (`sbatch train.sh -r aihero-gpu` is NOT)
 #   sbatch --nodes=2 train.sh                    # 2 nodes x 4 GPUs
 #   sbatch train.sh --num_epochs 30              # arguments after the script go to train.py
+#   RECIPE=recipes/faithful.yaml sbatch train.sh # the original baseline's recipe
 #   DATA=demo_data bash train.sh --num_epochs 2  # without SLURM, on the machine at hand
 #
 # Environment: REPO (the repository; default: where sbatch was run, else this file's folder), WORKSPACE (default
@@ -37,5 +38,6 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   # one process per task; srun of SLURM 22.05 does not inherit the job's --cpus-per-task by itself
   launch=(srun --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}")
 fi
-# the baseline's recipe unless RECIPE (or --recipe among the arguments) says otherwise
-"${launch[@]}" python "$REPO/train.py" --recipe "${RECIPE:-faithful}" --root_dir "$DATA" --out_dir "$RUN_DIR" "${args[@]}"
+# the recommended recipe unless RECIPE (a recipe file) or a --config among the arguments says otherwise
+"${launch[@]}" python "$REPO/train.py" --config "${RECIPE:-$REPO/recipes/patches.yaml}" --root_dir "$DATA" \
+  --out_dir "$RUN_DIR" "${args[@]}"

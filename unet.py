@@ -1,5 +1,5 @@
-"""The U-Net of the baseline (SPEC §4) as a LightningModule: model, loss, optimiser and the validation score; and the
-one way every script reads a checkpoint (load_checkpoint, load_model)."""
+"""The U-Net of the baseline (docs/baseline.md §4) as a LightningModule: model, loss, optimiser and the validation
+score; and the one way every script reads a checkpoint (load_checkpoint, load_model)."""
 import re
 
 import lightning as L
@@ -11,14 +11,10 @@ from torchmetrics import MeanMetric, SumMetric
 from torchmetrics.classification import MulticlassJaccardIndex
 
 from augment import IGNORE
-from border_core import (drop_small_instances, instances_at_score_size, instances_from_border_core,
-                         typical_cell_area)
+from border_core import drop_small_instances, instances_from_border_core, typical_cell_area
 from data_files import DataError, atomic_write
 from metrics import instance_dice
-
-# A model trained with the patch recipe's scale augmentation (0.7-1.4) takes cells this much narrower or wider than
-# its own as they are: resampling the frames for a small mismatch costs more than it buys (docs/real_microscopy.md).
-SCALE_TOLERANCE = (0.8, 1.25)
+from views import view_of
 
 # ------------------------------------------------------------------------------------------------------------------ model
 
@@ -31,24 +27,32 @@ def double_conv(in_channels: int, out_channels: int) -> nn.Sequential:
 
 DEFAULT_WIDTHS = (32, 64, 128, 256)  # the baseline's U-Net: four levels, three poolings
 
+# Candidates of the size filter: instances up to this fraction of the frame's typical cell area
+# (border_core.typical_cell_area) are dropped. A fraction, not an area in px, so that the choice holds for frames
+# whose cells are smaller or larger than the validation frames' (heterogeneous collections, a wrong scale).
+MIN_AREA_FRACTIONS = (0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+SIZE_FILTER_TOLERANCE = 0.002  # the smallest candidate within this of the best wins: a filter only where it helps
+
 
 class UNet(L.LightningModule):
-    """1 → 3 classes (background, core, border); 1,927,907 parameters with the default widths.
+    """1 -> 3 classes (background, core, border); 1,927,907 parameters with the default widths.
 
     Input sides must be multiples of 2 ** (len(widths) - 1). What a checkpoint records about how it sees frames:
-    patch_size 0 (the faithful recipe): frames resized to input_size x input_size. patch_size > 0 (the patch recipe):
-    frames at the model's scale, where cells are `cell_width` px wide, predicted whole in tiles of tile_size;
-    `intensity` names the normalisation rule (data_files.to_uint8_range). The postprocessing thresholds are in the
-    model's pixels; `min_area_fraction` (0: none, as the baseline) is chosen on the validation frames after training
-    (train.py --min_area_fraction).
+    `view` ("resized": frames resized to input_size x input_size; "tiled": frames at the model's scale, where cells
+    are `cell_width` px wide, predicted whole in tiles of tile_size; views.py), `intensity` (the normalisation rule,
+    data_files.to_uint8_range). The postprocessing thresholds are in the model's pixels. `min_area_fraction` is the
+    size filter (0: none, as the baseline); with `choose_size_filter` every validation scores each candidate of
+    MIN_AREA_FRACTIONS and keeps the best in the hyperparameters, so each checkpoint carries the filter of its epoch.
     """
 
     def __init__(self, in_channels: int = 1, num_classes: int = 3, widths=DEFAULT_WIDTHS, lr: float = 1e-3,
-                 num_epochs: int = 100, input_size: int = 512, small_center_threshold: int = 30,
-                 isolated_border_threshold: int = 15, patch_size: int = 0, tile_size: int = 512,
-                 cell_width: float | None = None, intensity: str = "baseline", min_area_fraction: float = 0):
+                 num_epochs: int = 100, view: str = "resized", input_size: int = 512, tile_size: int = 512,
+                 small_center_threshold: int = 30, isolated_border_threshold: int = 15,
+                 cell_width: float | None = None, intensity: str = "baseline", min_area_fraction: float = 0,
+                 choose_size_filter: bool = False):
         super().__init__()
         self.save_hyperparameters()
+        self.view = view_of(self.hparams)
         widths = list(widths)
         self.encoder = nn.ModuleList([double_conv(in_channels, widths[0])] +
                                      [double_conv(a, b) for a, b in zip(widths[:-1], widths[1:])])
@@ -56,7 +60,9 @@ class UNet(L.LightningModule):
         self.decoder = nn.ModuleList([double_conv(2 * a, a) for a in widths[:-1]])
         self.head = nn.Conv2d(widths[0], num_classes, 1)
         self.val_iou = MulticlassJaccardIndex(num_classes=num_classes, average="macro", ignore_index=IGNORE)
-        self.val_instance_dice = MeanMetric()
+        fractions = MIN_AREA_FRACTIONS if choose_size_filter else (min_area_fraction,)
+        self.size_filters = fractions
+        self.val_dice = nn.ModuleList([MeanMetric() for _ in fractions])  # one per size filter candidate
         self.val_frames = SumMetric()  # frames scored, over all DDP processes: each val frame exactly once
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,41 +76,42 @@ class UNet(L.LightningModule):
         return self.head(x)
 
     def training_step(self, batch, batch_idx):
-        images, targets = batch[:2]
-        if self.hparams.patch_size:  # patches come with the loss's weight per pixel (ScaledFrames)
-            weights = batch[2]
-            pixel_loss = F.cross_entropy(self(images), targets, ignore_index=IGNORE, reduction="none")
-            loss = (pixel_loss * weights).sum() / weights.sum().clamp_min(1e-6)
-        else:
-            loss = F.cross_entropy(self(images), targets, ignore_index=IGNORE)
+        # the loss's weight per pixel: 0 outside the frame, more where touching cells meet (dataset.py)
+        pixel_loss = F.cross_entropy(self(batch["image"]), batch["target"], ignore_index=IGNORE, reduction="none")
+        loss = (pixel_loss * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-6)
         # sync_dist: under DDP the epoch's loss is the mean over all processes (reduced once, at the epoch's end)
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(images),
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(pixel_loss),
                  sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
-        images, targets, gt_instances = batch[:3]
-        if self.hparams.patch_size:  # whole frames at the model's scale, one per batch, tile by tile as in inference
-            logits = sliding_window_logits(self, images[0], self.hparams.tile_size)[None]
-        else:
-            logits = self(images)
+        logits = self.view.logits(self, batch["image"])
         semantic = logits.argmax(1)
-        self.log("val_loss", F.cross_entropy(logits, targets, ignore_index=IGNORE), on_epoch=True,
-                 batch_size=len(images), sync_dist=True)
-        self.val_iou.update(semantic, targets)
-        # patch recipe: the frame's own size comes with it, to go back there as inference does (instances_at_score_size)
-        shapes = batch[3].tolist() if len(batch) > 3 else [None] * len(images)
-        for pred_map, gt, shape in zip(semantic.cpu().numpy(), gt_instances.cpu().numpy(), shapes):
-            instances = self.instances(pred_map)
-            self.val_instance_dice.update(instance_dice(gt, instances_at_score_size(instances, shape or instances.shape,
-                                                                                  gt.shape)))
-        self.val_frames.update(len(images))
+        self.log("val_loss", F.cross_entropy(logits, batch["target"], ignore_index=IGNORE), on_epoch=True,
+                 batch_size=len(logits), sync_dist=True)
+        self.val_iou.update(semantic, batch["target"])
+        for pred_map, gt, shape in zip(semantic.cpu().numpy(), batch["instances"].cpu().numpy(),
+                                       batch["shape"].tolist()):
+            for metric, value in zip(self.val_dice, score_frame(self, pred_map, gt, shape, self.size_filters)):
+                metric.update(value)
+        self.val_frames.update(len(logits))
         self.log("val_iou", self.val_iou, on_epoch=True)
-        self.log("val_instance_dice", self.val_instance_dice, on_epoch=True, prog_bar=True)
         self.log("val_frames", self.val_frames, on_epoch=True)
 
-    def instances(self, semantic: np.ndarray) -> np.ndarray:
-        return instances_from_border_core(semantic, *postprocess_thresholds(self))
+    def on_validation_epoch_end(self):
+        scores = {fraction: float(metric.compute()) for fraction, metric in zip(self.size_filters, self.val_dice)}
+        for metric in self.val_dice:
+            metric.reset()
+        fraction = best_size_filter(scores)
+        if len(scores) > 1 and not self.trainer.sanity_checking:
+            self.hparams.min_area_fraction = fraction  # saved with this epoch's checkpoints
+        self.log("val_instance_dice", scores[fraction], prog_bar=True)
+
+    def instances(self, semantic: np.ndarray, min_area_fraction: float | None = None) -> np.ndarray:
+        """Instances of a border-core map in the model's pixels, with the model's size filter (or the one given)."""
+        fraction = self.hparams.min_area_fraction if min_area_fraction is None else min_area_fraction
+        return instances_from_border_core(semantic, self.hparams.small_center_threshold,
+                                          self.hparams.isolated_border_threshold, fraction)
 
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
@@ -112,39 +119,38 @@ class UNet(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
 
-# Candidates of choose_min_area_fraction: instances up to this fraction of the frame's typical cell area
-# (border_core.typical_cell_area) are dropped. A fraction, not an area in px, so that the choice holds for frames
-# whose cells are smaller or larger than the validation frames' (heterogeneous collections, a wrong scale).
-MIN_AREA_FRACTIONS = (0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
+# ------------------------------------------------------------------------------------------------------------------ score
+
+def score_frame(model: UNet, semantic: np.ndarray, gt: np.ndarray, frame_shape, fractions=(0,)) -> list[float]:
+    """Instance Dice of one predicted border-core map against the frame's ground truth at the score size, once per
+    size filter in `fractions`: the score of validation, of the size filter's choice and of the fine-tuning rate's.
+    The instances go to the score size as the model's view says (as inference writes them)."""
+    instances = model.instances(semantic, 0)
+    typical = typical_cell_area(instances) if any(fractions) else 0
+    return [instance_dice(gt, model.view.instances_at(drop_small_instances(instances, f * typical) if f else instances,
+                                                      tuple(frame_shape), gt.shape))
+            for f in fractions]
+
+
+def best_size_filter(scores: dict) -> float:
+    """The smallest candidate within SIZE_FILTER_TOLERANCE of the best score (StarDist's optimize_thresholds in
+    spirit: a choice made on the validation frames)."""
+    best = max(scores.values(), default=float("nan"))
+    return float(next((f for f in sorted(scores) if scores[f] >= best - SIZE_FILTER_TOLERANCE), min(scores)))
 
 
 @torch.inference_mode()
-def choose_min_area_fraction(model: UNet, val_set, tolerance: float = 0.002) -> tuple[float, dict]:
-    """(min_area_fraction, {candidate: mean val Instance Dice}) for a patch model: its validation frames predicted
-    once, as validation_step does, then scored with each candidate of MIN_AREA_FRACTIONS. The smallest candidate
-    within `tolerance` of the best wins, so a filter is kept only where it measurably helps. A post-training choice
-    on validation data, in the spirit of StarDist's optimize_thresholds."""
-    model.eval()
-    device = next(model.parameters()).device
+def validation_score(model: UNet, val_set, device="cpu") -> float:
+    """Mean Instance Dice of a model on a validation set, with the best size filter, outside a Trainer."""
+    model = model.to(device).eval()
     scores = {fraction: [] for fraction in MIN_AREA_FRACTIONS}
-    for image, _, gt, shape in val_set:
-        semantic = sliding_window_logits(model, image.to(device), model.hparams.tile_size).argmax(0).cpu().numpy()
-        instances = instances_from_border_core(semantic, model.hparams.small_center_threshold,
-                                               model.hparams.isolated_border_threshold)
-        typical = typical_cell_area(instances)
-        for fraction in MIN_AREA_FRACTIONS:
-            kept = drop_small_instances(instances, fraction * typical)
-            scores[fraction].append(instance_dice(gt.numpy(), instances_at_score_size(kept, tuple(shape.tolist()),
-                                                                                      tuple(gt.shape))))
-    means = {fraction: float(np.mean(values)) if values else float("nan") for fraction, values in scores.items()}
-    best = max(means.values(), default=float("nan"))
-    chosen = next((fraction for fraction in MIN_AREA_FRACTIONS if means[fraction] >= best - tolerance), 0)
-    return float(chosen), means
-
-
-def postprocess_thresholds(model: UNet) -> tuple:
-    """The arguments of instances_from_border_core after the semantic map, as the model records them."""
-    return model.hparams.small_center_threshold, model.hparams.isolated_border_threshold, model.hparams.min_area_fraction
+    for item in val_set:
+        semantic = model.view.logits(model, item["image"][None].to(device)).argmax(1)[0].cpu().numpy()
+        for fraction, value in zip(MIN_AREA_FRACTIONS, score_frame(model, semantic, item["instances"].numpy(),
+                                                                   item["shape"].tolist(), MIN_AREA_FRACTIONS)):
+            scores[fraction].append(value)
+    means = {fraction: float(np.mean(values)) for fraction, values in scores.items()}
+    return means[best_size_filter(means)]
 
 
 # ------------------------------------------------------------------------------------------------------------ checkpoints
@@ -210,7 +216,7 @@ def load_model(path, map_location="cpu") -> UNet:
     """The UNet of a checkpoint of train.py (what UNet.load_from_checkpoint gives, read through load_checkpoint) or of
     a weights file of export_weights (float16 weights, read back as float32)."""
     checkpoint = load_checkpoint(path, map_location, keys=WEIGHTS_KEYS)
-    hparams = checkpoint["hyper_parameters"]
+    hparams = legacy_hparams(dict(checkpoint["hyper_parameters"]))
     try:
         model = UNet(**hparams)
     except Exception as error:
@@ -224,6 +230,15 @@ def load_model(path, map_location="cpu") -> UNet:
             from error
     return model.to(map_location)
 
+def legacy_hparams(hparams: dict) -> dict:
+    """Hyperparameters of checkpoints written before views had names (the bundled model among them): patch_size > 0
+    meant the tiled view; patch_size itself is a training setting, not the model's."""
+    if "view" not in hparams:
+        hparams["view"] = "tiled" if hparams.get("patch_size") else "resized"
+    hparams.pop("patch_size", None)
+    return hparams
+
+
 def export_weights(checkpoint_path: str, out_path: str):
     """A checkpoint's weights as float16 with its hyperparameters, nothing else: half the size, and what load_model
     reads (how the bundled model is shipped)."""
@@ -231,70 +246,3 @@ def export_weights(checkpoint_path: str, out_path: str):
     weights = {k: v.half() if v.is_floating_point() else v for k, v in checkpoint["state_dict"].items()}
     hparams = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dict(checkpoint["hyper_parameters"]).items()}
     atomic_write(out_path, lambda tmp: torch.save({"hyper_parameters": hparams, "state_dict": weights}, tmp), ".pt.tmp")
-
-
-def record_hparams(checkpoint_path: str, **values):
-    """Set hyperparameters of a checkpoint in place (atomically): what was chosen after training, such as
-    min_area_fraction, travels with the weights to inference and to --export_to."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    checkpoint["hyper_parameters"].update(values)
-    atomic_write(checkpoint_path, lambda tmp: torch.save(checkpoint, tmp), ".ckpt.tmp")
-
-
-# ------------------------------------------------------------------------------------------------------ tiled prediction
-
-def gaussian_weights(height: int, width: int, device=None) -> torch.Tensor:
-    """Centre-weighted blending map of a tile (sigma = 1/8 of its side, as nnU-Net's sliding window): a pixel's
-    prediction counts more where it had more context. Never zero, so every pixel gets a weight."""
-    def axis(n):
-        x = torch.arange(n, dtype=torch.float32, device=device) - (n - 1) / 2
-        return torch.exp(-0.5 * (x / (n / 8)) ** 2)
-    weights = axis(height)[:, None] * axis(width)[None, :]
-    return (weights / weights.max()).clamp_min(1e-3)
-
-
-def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
-    """Start offsets of tiles of side `tile` covering `length`, neighbours overlapping by at least `overlap`."""
-    if length <= tile:
-        return [0]
-    count = int(np.ceil((length - tile) / (tile * (1 - overlap)))) + 1
-    return sorted(set(np.round(np.linspace(0, length - tile, count)).astype(int).tolist()))
-
-
-def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Pad the last two axes at the bottom and right, mirrored where the frame is large enough, else repeated."""
-    pad = (0, width - image.shape[-1], 0, height - image.shape[-2])
-    if pad[1] == 0 and pad[3] == 0:
-        return image
-    mode = "reflect" if pad[1] < image.shape[-1] and pad[3] < image.shape[-2] else "replicate"
-    return F.pad(image[None], pad, mode=mode)[0]
-
-
-def sliding_window_logits(model: nn.Module, image: torch.Tensor, tile_size: int = 512, overlap: float = 0.25,
-                          batch_size: int = 4) -> torch.Tensor:
-    """Class logits (classes x H x W, float32) of a frame of any size (channels x H x W, on the model's device).
-
-    The frame is padded to a multiple of 2 ** poolings (8 with the default widths); if it then fits one tile it is
-    predicted whole, exactly as model(frame).
-    Otherwise overlapping tiles of tile_size x tile_size (`batch_size` at a time, so memory is bounded by the tile
-    batch, not the frame) are predicted and their logits blended with centre-weighted maps (gaussian_weights).
-    """
-    height, width = image.shape[-2:]
-    multiple = 2 ** (len(model.hparams.widths) - 1) if hasattr(model, "hparams") else 8
-    padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
-    image = pad_to(image, padded_h, padded_w)
-    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
-    corners = [(y, x) for y in tile_starts(padded_h, tile_h, overlap) for x in tile_starts(padded_w, tile_w, overlap)]
-    if len(corners) == 1:
-        return model(image[None])[0, :, :height, :width].float()
-    weights = gaussian_weights(tile_h, tile_w, image.device)
-    total, weight_sum = None, torch.zeros(padded_h, padded_w, device=image.device)
-    for start in range(0, len(corners), batch_size):
-        batch = corners[start:start + batch_size]
-        logits = model(torch.stack([image[:, y:y + tile_h, x:x + tile_w] for y, x in batch])).float()
-        if total is None:
-            total = torch.zeros(logits.shape[1], padded_h, padded_w, device=image.device)
-        for (y, x), tile_logits in zip(batch, logits):
-            total[:, y:y + tile_h, x:x + tile_w] += tile_logits * weights
-            weight_sum[y:y + tile_h, x:x + tile_w] += weights
-    return (total / weight_sum)[:, :height, :width]

@@ -22,7 +22,7 @@ def test_bundled_model_is_small_half_precision_and_records_its_scale():
     checkpoint = torch.load(BUNDLED_MODEL, map_location="cpu", weights_only=True)
     assert all(v.dtype == torch.float16 for v in checkpoint["state_dict"].values() if v.is_floating_point())
     model = load_model(BUNDLED_MODEL)
-    assert model.hparams.patch_size > 0 and model.hparams.cell_width > 0 and model.hparams.intensity == "percentile"
+    assert model.hparams.view == "tiled" and model.hparams.cell_width > 0 and model.hparams.intensity == "percentile"
 
 
 @pytest.mark.slow

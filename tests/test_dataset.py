@@ -10,15 +10,16 @@ import torch.nn.functional as F
 from conftest import write_dataset
 from border_core import border_core_targets, resize_nearest, resize_nearest_exact
 from data_files import DataError, default_sequences, detect_layout, list_frames, to_uint8_range
-from dataset import CellDataModule, LabelledFrames, random_brightness_contrast, random_horizontal_flip
+from dataset import ResizedFrames, random_brightness_contrast, random_horizontal_flip
+from views import Resized
 
 
 def test_detects_both_layouts_and_their_default_sequences(tmp_path):
     challenge = write_dataset(tmp_path / "challenge", frames=2)
     ctc = write_dataset(tmp_path / "ctc", sequences=("01", "02", "03"), unlabelled=("04",), frames=2, layout="ctc")
     assert detect_layout(challenge) == "challenge" and detect_layout(ctc) == "ctc"
-    assert CellDataModule(challenge).sequences == {"train": ["a", "b"], "val": ["c"]}
-    assert CellDataModule(ctc).sequences == {"train": ["01", "02"], "val": ["03"]}
+    assert [default_sequences(challenge, role) for role in ("train", "val")] == [["a", "b"], ["c"]]
+    assert [default_sequences(ctc, role) for role in ("train", "val")] == [["01", "02"], ["03"]]
     assert default_sequences(challenge, "test") == ["d", "e"] and default_sequences(ctc, "test") == ["04", "05"]
     frames = list_frames(ctc, "03", with_masks=True)
     assert [f.mask_path for f in frames] == [os.path.join(ctc, "03_GT", "SEG", f"man_seg000{i}.tif") for i in (0, 1)]
@@ -63,21 +64,21 @@ def test_unreadable_tiff_is_named(tmp_path):
     with open(broken, "wb") as file:
         file.write(b"this is not a TIFF")
     with pytest.raises(DataError, match=r"a/t0001\.tif: unreadable TIFF"):
-        LabelledFrames(list_frames(root, "a", with_masks=True), input_size=32)
+        ResizedFrames(list_frames(root, "a", with_masks=True), Resized(32), "baseline")
 
 
 def test_size_mismatch_is_named(tmp_path):
     root = write_dataset(tmp_path / "d", sequences=("a",), unlabelled=(), frames=2, shape=(40, 50))
     tifffile.imwrite(os.path.join(root, "a_GT", "man_seg0001.tif"), np.zeros((40, 51), np.uint16))
     with pytest.raises(DataError, match=r"man_seg0001\.tif: mask size \(40, 51\) differs from image size \(40, 50\)"):
-        LabelledFrames(list_frames(root, "a", with_masks=True), input_size=32)
+        ResizedFrames(list_frames(root, "a", with_masks=True), Resized(32), "baseline")
 
 
 def test_float_mask_is_refused(tmp_path):
     root = write_dataset(tmp_path / "d", sequences=("a",), unlabelled=(), frames=2)
     tifffile.imwrite(os.path.join(root, "a_GT", "man_seg0000.tif"), np.zeros((60, 76), np.float32))
     with pytest.raises(DataError, match=r"man_seg0000\.tif: instance labels must be integers, got dtype float32"):
-        LabelledFrames(list_frames(root, "a", with_masks=True), input_size=32)
+        ResizedFrames(list_frames(root, "a", with_masks=True), Resized(32), "baseline")
 
 
 def test_multichannel_frame_is_refused(tmp_path):
@@ -127,8 +128,10 @@ def test_flip_moves_image_and_target_together_and_brightness_stays_in_range():
 def test_labelled_frames_items(tmp_path):
     root = write_dataset(tmp_path / "d", sequences=("a",), unlabelled=(), frames=2, shape=(60, 76))
     frames = list_frames(root, "a", with_masks=True)
-    dataset = LabelledFrames(frames, input_size=64)
-    image, target, instances = dataset[1]
+    dataset = ResizedFrames(frames, Resized(64), "baseline")
+    item = dataset[1]
+    image, target, instances = item["image"], item["target"], item["instances"]
+    assert item["shape"].tolist() == [60, 76]
     assert image.shape == (1, 64, 64) and image.dtype == torch.float32
     assert target.shape == (64, 64) and target.dtype == torch.int64
     assert instances.shape == (256, 256)

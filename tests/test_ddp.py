@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_dataset
-from train import newest_checkpoint
+from run_folder import newest_checkpoint
 from unet import load_checkpoint
 
 pytestmark = [pytest.mark.slow]
@@ -22,7 +22,7 @@ BATCH = 2
 
 
 def train(*args, env=None):
-    args = ["--recipe", "faithful", "--batch_size", BATCH, "--input_size", 64, "--num_workers", 0, "--accelerator", "cpu",
+    args = ["--config", "recipes/faithful.yaml", "--batch_size", BATCH, "--set", "input_size=64", "--num_workers", 0, "--set", "accelerator=cpu",
             *args]
     # one thread per process, as the sbatch scripts set it: on a busy 2-core machine more threads only thrash
     env = dict(os.environ if env is None else env, OMP_NUM_THREADS="1")
@@ -99,9 +99,9 @@ def test_training_leaves_no_process_group_behind(tmp_path):
     handler = signal.getsignal(signal.SIGTERM)
     try:
         root = write_dataset(tmp_path / "data", frames=3)
-        train.main(["--root_dir", str(root), "--out_dir", str(tmp_path / "run"), "--recipe", "faithful",
-                    "--num_epochs", "1", "--input_size", "32", "--batch_size", "2", "--num_workers", "0",
-                    "--accelerator", "cpu", "--devices", "1"])
+        train.main(["--root_dir", str(root), "--out_dir", str(tmp_path / "run"), "--config", "recipes/faithful.yaml",
+                    "--num_epochs", "1", "--set", "input_size=32", "--batch_size", "2", "--num_workers", "0",
+                    "--set", "accelerator=cpu", "--devices", "1"])
         assert not torch.distributed.is_initialized()
     finally:
         signal.signal(signal.SIGTERM, handler)

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import energy
 from energy import Counter, EnergyMeter, Reading, counter_delta, format_report, gpu_counters, rapl_counters
-from train import EnergyCallback
+from callbacks import EnergyCallback
 
 MAX_UJ = 262_143_328_850  # a real max_energy_range_uj
 WH_UJ = 3_600_000_000  # 1 Wh in µJ

@@ -12,13 +12,17 @@ from scipy import ndimage
 import torch.nn.functional as F
 from torch import nn
 
-from augment import IGNORE, foreground_pixels, median_cell_width, random_patch, resample, sample_grid
+from augment import IGNORE, foreground_pixels, random_patch, resample, sample_grid
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
 from conftest import write_dataset
 from data_files import list_frames, read_mask, rescale, to_uint8_range, write_sequence
-from dataset import CellDataModule, ScaledFrames, UnlabelledFrames
+from dataset import ScaledFrames, UnlabelledFrames, read_labelled, training_sets
+from recipe import DEFAULT_RECIPE, RecipeError, load_recipe
+from scale import median_cell_width, training_scales
 from metrics import instance_dice
-from unet import UNet, load_checkpoint, sliding_window_logits, tile_starts
+from tiling import sliding_window_logits, tile_starts
+from unet import MIN_AREA_FRACTIONS, UNet, load_checkpoint
+from views import Tiled
 
 
 def rods(shape=(120, 150)):
@@ -130,17 +134,19 @@ def test_patch_loss_weights_are_the_plain_loss_without_contact_weight(tmp_path):
     image = np.where(mask > 0, 200, 40).astype(np.uint8)
     write_sequence(str(tmp_path), "a", [(image, mask)])
     for contact_weight in (0.0, 5.0):
-        frames = ScaledFrames(list_frames(str(tmp_path), "a", True), patch_size=64, patches_per_epoch=1,
+        labelled = [(f.sequence, *read_labelled(f)) for f in list_frames(str(tmp_path), "a", True)]
+        frames = ScaledFrames(labelled, {"a": 1.0}, "percentile", patch_size=64, patches_per_epoch=1,
                               augment=False, contact_weight=contact_weight)
-        patch, target, weights = frames[0]
+        item = frames[0]
+        patch, target, weights = item["image"], item["target"], item["weight"]
         assert (weights[target == IGNORE] == 0).all()
         assert set(torch.unique(weights[target != IGNORE]).tolist()) == ({1.0} if contact_weight == 0 else {1.0, 6.0})
-    model = UNet(widths=(4, 8, 16, 32), patch_size=64)
+    model = UNet(widths=(4, 8, 16, 32), view="tiled")
     logits = model(patch[None])
     plain = nn.functional.cross_entropy(logits, target[None], ignore_index=IGNORE)
     flat = (target != IGNORE).float()[None]
     model.log = lambda *args, **kwargs: None
-    assert torch.allclose(model.training_step((patch[None], target[None], flat), 0), plain, atol=1e-6)
+    assert torch.allclose(model.training_step({"image": patch[None], "target": target[None], "weight": flat}, 0), plain, atol=1e-6)
 
 
 def test_training_patches_keep_their_grey_values_without_intensity_augment(tmp_path):
@@ -154,9 +160,10 @@ def test_training_patches_keep_their_grey_values_without_intensity_augment(tmp_p
     for seed in range(6):
         for photometric in (False, True):
             torch.manual_seed(seed)  # each patch's random generator is drawn from torch's
-            data = CellDataModule(str(tmp_path), ["a"], ["a"], patch_size=48, patches_per_epoch=1,
-                                  intensity="percentile", photometric=photometric)
-            patch, target, _ = data.dataset("train")[0]
+            recipe = load_recipe(DEFAULT_RECIPE, ["patch_size=48", "patches_per_epoch=1", f"photometric={photometric}"])
+            frames = list_frames(str(tmp_path), "a", True)
+            item = training_sets(frames, frames, recipe)[0][0]
+            patch, target = item["image"], item["target"]
             # 2 px from other labels and from the patch's rim, beyond which a cell may end
             far_background = ndimage.binary_erosion(target.numpy() == 0, iterations=2, border_value=0)
             inner_core = ndimage.binary_erosion(target.numpy() == 1, iterations=2, border_value=0)
@@ -171,22 +178,22 @@ def test_training_patches_keep_their_grey_values_without_intensity_augment(tmp_p
     assert sum(moved) >= 4, moved  # each of its five changes is drawn with probability 1/4 to 1/2
 
 
-def test_train_hands_no_intensity_augment_to_the_data_module(tmp_path, monkeypatch):
+def test_the_recipe_reaches_the_training_data(tmp_path, monkeypatch):
     import train
     from data_files import DataError
 
     seen = []
 
-    class Recording(CellDataModule):
-        def __init__(self, *args, **kwargs):
-            seen.append(kwargs["photometric"])
-            raise DataError("recorded")  # stop before any data is read
+    def recording(train_frames, val_frames, recipe, *args):
+        seen.append((recipe.photometric, recipe.patch_size))
+        raise DataError("recorded")  # stop before any data is read
 
-    monkeypatch.setattr(train, "CellDataModule", Recording)
-    for flags in ([], ["--no_intensity_augment"]):
+    monkeypatch.setattr(train, "training_sets", recording)
+    monkeypatch.setattr(train, "labelled_frames", lambda root, sequences: [])
+    for flags in ([], ["--set", "photometric=false", "--set", "patch_size=64"]):
         with pytest.raises(SystemExit, match="recorded"):
             train.main(["--root_dir", str(tmp_path), "--out_dir", str(tmp_path / "run"), *flags])
-    assert seen == [True, False]
+    assert seen == [(True, 128), (False, 64)]
     assert not (tmp_path / "run").exists()
 
 
@@ -237,11 +244,11 @@ def test_uint8_and_uint16_copies_give_the_same_input_and_prediction(tmp_path):
     for dtype, copy in (("uint8", image8), ("uint16", image8.astype(np.uint16) * 257 + 1000)):
         os.makedirs(tmp_path / dtype / "a")
         tifffile.imwrite(tmp_path / dtype / "a" / "t0000.tif", copy)
-    items = [UnlabelledFrames(list_frames(str(tmp_path / d), "a", False), scale=1.0, intensity="percentile")[0][0]
+    items = [UnlabelledFrames(list_frames(str(tmp_path / d), "a", False), Tiled(), "percentile")[0][0]
              for d in ("uint8", "uint16")]
     np.testing.assert_allclose(items[0], items[1], atol=1e-5)
     torch.manual_seed(0)
-    model = UNet(patch_size=64, tile_size=64).eval()
+    model = UNet(view="tiled", tile_size=64).eval()
     with torch.no_grad():
         maps = [sliding_window_logits(model, item, 64).argmax(0) for item in items]
     assert torch.equal(maps[0], maps[1])
@@ -285,30 +292,28 @@ def test_rescaled_mask_stays_on_its_image(scale):
 
 
 def test_validation_sequences_are_scaled_as_inference_scales_them():
-    from train import sequence_scales
-
     widths = {"a": 10.0, "b": 8.0, "c": 9.0, "d": 20.0}
     # training sequences go exactly to the model's width; a validation sequence within SCALE_TOLERANCE of it stays as
-    # it is (as inference.predict_sequence keeps such frames), one further off is rescaled
-    assert sequence_scales(widths, 10.0, validation_only={"c", "d"}) == {"a": 1.0, "b": 1.25, "c": 1.0, "d": 0.5}
-    assert sequence_scales(widths, None, validation_only={"c"}) == {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
-    assert sequence_scales({"a": 10.0, "c": 0.0}, 12.0, validation_only={"c"}) == {"a": 1.2, "c": 1.0}
+    # it is (as inference keeps such frames), one further off is rescaled
+    assert training_scales(widths, 10.0, validation_only={"c", "d"}) == \
+        (10.0, {"a": 1.0, "b": 1.25, "c": 1.0, "d": 0.5})
+    assert training_scales(widths, None, validation_only={"c"}) == (9.5, {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0})
+    assert training_scales({"a": 10.0, "c": 0.0}, 12.0, validation_only={"c"}) == (12.0, {"a": 1.2, "c": 1.0})
+    # fine-tuning: a starting model's width within the tolerance of the data's leaves the frames as they are
+    assert training_scales({"a": 10.0}, inherited=11.0) == (10.0, {"a": 1.0})
+    assert training_scales({"a": 10.0}, inherited=16.0) == (16.0, {"a": 1.6})
 
 
-def test_widths_flag_sets_the_unet_depth_and_the_size_multiple():
-    import train
-    from unet import UNet, sliding_window_logits
-
-    args = train.parse_args(["--root_dir", "data", "--widths", "8,16,32,64,128"])
-    assert args.widths == (8, 16, 32, 64, 128)
-    with pytest.raises(SystemExit):  # four poolings: sides must be multiples of 16
-        train.parse_args(["--root_dir", "data", "--widths", "8,16,32,64,128", "--patch_size", "136"])
+def test_recipe_widths_set_the_unet_depth_and_the_size_multiple():
+    assert load_recipe(DEFAULT_RECIPE, ["widths=8,16,32,64,128"]).widths == (8, 16, 32, 64, 128)
+    with pytest.raises(RecipeError, match="patch_size"):  # four poolings: sides must be multiples of 16
+        load_recipe(DEFAULT_RECIPE, ["widths=8,16,32,64,128", "patch_size=136"])
     for bad in ("8,x", "16", "8,0"):
-        with pytest.raises(SystemExit):
-            train.parse_args(["--root_dir", "data", "--widths", bad])
-    assert train.parse_args(["--root_dir", "data", "--patch_size", "136"]).widths is None  # default: 8 is enough
+        with pytest.raises(RecipeError, match="widths"):
+            load_recipe(DEFAULT_RECIPE, [f"widths={bad}"])
+    assert load_recipe(DEFAULT_RECIPE, ["patch_size=136"]).patch_size == 136  # the default widths: 8 is enough
     torch.manual_seed(0)
-    model = UNet(widths=(4, 8, 16, 32, 64), patch_size=64, tile_size=64).eval()
+    model = UNet(widths=(4, 8, 16, 32, 64), view="tiled", tile_size=64).eval()
     image = torch.rand(1, 75, 90)  # larger than a tile: tiled, cropped back
     with torch.no_grad():
         logits = sliding_window_logits(model, image, tile_size=64)
@@ -319,19 +324,21 @@ def test_widths_flag_sets_the_unet_depth_and_the_size_multiple():
     assert torch.allclose(whole, direct, atol=1e-5)
 
 
-def test_learning_rate_defaults_and_an_explicit_one_wins():
-    import train
-
-    assert train.parse_args(["--root_dir", "data"]).lr == 1e-3
-    assert train.parse_args(["--root_dir", "data", "--init_from", "model.pt"]).lr is None  # measured in train()
-    assert train.parse_args(["--root_dir", "data", "--init_from", "model.pt", "--lr", "3e-4"]).lr == 3e-4
-    assert train.parse_args(["--root_dir", "data", "--recipe", "faithful"]).lr == 1e-3
+def test_learning_rates_of_the_recipes():
+    patches, faithful = load_recipe(DEFAULT_RECIPE), load_recipe(os.path.join("recipes", "faithful.yaml"))
+    assert (patches.lr, patches.fine_tune_lr) == (1e-3, "auto")  # fine-tuning's measured in train()
+    assert (faithful.lr, faithful.fine_tune_lr) == (1e-3, 1e-4)
+    assert load_recipe(DEFAULT_RECIPE, ["fine_tune_lr=3e-4"]).fine_tune_lr == 3e-4
+    with pytest.raises(RecipeError, match="fine_tune_lr"):
+        load_recipe(DEFAULT_RECIPE, ["fine_tune_lr=-1"])
+    with pytest.raises(RecipeError, match="unknown key"):
+        load_recipe(DEFAULT_RECIPE, ["learning_rate=1"])
 
 
 @pytest.mark.slow
 def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows(tmp_path, capsys, monkeypatch):
-    """The bundled model segments simulated bacteria (0.82 zero-shot): 1e-4. A random model segments nothing: 1e-3.
-    The faithful recipe and a resumed run: 1e-4 without measuring."""
+    """The bundled model segments simulated bacteria: 1e-4. A random model segments nothing: 1e-3. A recipe with a
+    fixed fine-tuning rate takes it without measuring."""
     import simulate
     import train
     from inference import BUNDLED_MODEL
@@ -341,23 +348,22 @@ def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows
     root = str(tmp_path / "data")
     write_sequence(root, "a", frames[:1])
     write_sequence(root, "b", frames[1:])
-    data = train.CellDataModule(root, ["a"], ["b"], batch_size=2, input_size=512, num_workers=0, patch_size=128,
-                                patches_per_epoch=4, intensity="percentile")
     bundled = load_model(BUNDLED_MODEL)
-    scale = bundled.hparams.cell_width / median_cell_width(labels for _, labels in frames)
-    data.scale = {"a": scale, "b": scale}  # the model's scale, as train() brings frames to it
-    data.load()
-    assert train.fine_tuning_lr(bundled, data) == 1e-4
+    recipe = load_recipe(DEFAULT_RECIPE, ["patches_per_epoch=4"])
+    _, val_set, _ = training_sets(list_frames(root, "a", True), list_frames(root, "b", True), recipe,
+                                  inherited_cell_width=bundled.hparams.cell_width)
+    data = train.CellDataModule(None, val_set, 2, 1, 0)
+    assert train.fine_tuning_lr(bundled, data, recipe, cuda=False) == 1e-4
     assert all(module.training for module in bundled.modules())  # back in training mode, BatchNorm included
     torch.manual_seed(0)
-    random = UNet(patch_size=128, tile_size=256, intensity="percentile")
-    assert train.fine_tuning_lr(random, data) == 1e-3
+    random = UNet(view="tiled", tile_size=256, intensity="percentile")
+    assert train.fine_tuning_lr(random, data, recipe, cuda=False) == 1e-3
     assert "learning rate 0.001" in capsys.readouterr().out
     monkeypatch.setattr(train.rank_zero_only, "rank", 1)  # another DDP process: the same rate, said by rank 0 only
-    assert train.fine_tuning_lr(random, data) == 1e-3
+    assert train.fine_tuning_lr(random, data, recipe, cuda=False) == 1e-3
     assert capsys.readouterr().out == ""
-    assert train.fine_tuning_lr(random, data, resumed=True) == 1e-4
-    assert train.fine_tuning_lr(UNet(patch_size=0), data) == 1e-4
+    fixed = load_recipe(os.path.join("recipes", "faithful.yaml"))
+    assert train.fine_tuning_lr(random, data, fixed, cuda=False) == 1e-4
 
 
 @pytest.mark.slow
@@ -365,8 +371,8 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     from test_pipeline import run
 
     root = write_dataset(tmp_path / "data", sequences=("a", "b", "c"), unlabelled=("d",), frames=4, shape=(90, 110))
-    tiny = ["--patch_size", 64, "--tile_size", 64, "--patches_per_epoch", 32, "--batch_size", 4, "--num_workers", 0,
-            "--min_steps", 0]
+    tiny = ["--set", "patch_size=64", "--set", "tile_size=64", "--set", "patches_per_epoch=32", "--batch_size", 4,
+            "--num_workers", 0, "--set", "min_steps=8"]
     sequences = {seq: list_frames(root, seq, with_masks=True) for seq in ("a", "b", "c")}  # train a,b, val c
     width = float(np.median([median_cell_width(read_mask(f.mask_path) for f in frames)
                              for frames in sequences.values()]))
@@ -375,11 +381,10 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "scratch", "--num_epochs", 3,
               "--model_cell_width", f"{1.1 * width:.2f}", *tiny)
     assert f"model's scale {1.1 * width:.1f} px (sequences rescaled by 1.00..1.10)" in out  # c: 1, as inference
-    # the patch recipe chooses its size filter on the validation frames and records it in best.ckpt
-    chosen = [line for line in out.splitlines() if line.startswith("min_area_fraction chosen")]
-    assert len(chosen) == 1
+    # the patch recipe chooses its size filter on the validation frames: each checkpoint records its epoch's
     recorded = load_checkpoint(str(tmp_path / "scratch" / "checkpoints" / "best.ckpt"))["hyper_parameters"]
-    assert chosen[0].endswith(f": {recorded['min_area_fraction']:g}, in best.ckpt")
+    assert recorded["min_area_fraction"] in MIN_AREA_FRACTIONS and recorded["view"] == "tiled"
+    assert "view: tiled" in (tmp_path / "scratch" / "recipe.yaml").read_text()
     metrics = pd.read_csv(tmp_path / "scratch" / "metrics.csv")
     loss = metrics.dropna(subset=["train_loss"]).set_index("epoch")["train_loss"]
     assert list(loss.index) == [0, 1, 2] and loss[2] < loss[0]
@@ -388,14 +393,14 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     assert (epochs["train_images_per_second"] >= 32 / epochs["epoch_seconds"]).all()
     assert out.count("images/s in training)") == 3
     checkpoint = tmp_path / "scratch" / "checkpoints" / "last.ckpt"
-    # --max_time ends a run long before its 500 epochs, with its checkpoints (10 s: a loaded machine still finishes
-    # an epoch of these 32 tiny patches in that time; 3 s did not, with two test processes on two busy cores)
+    # --max_time ends a run long before its 500 epochs, with whole checkpoints, however loaded the machine: min_steps
+    # (one epoch of 8 steps here) holds the end back until an epoch is complete
     out = run("train.py", "--root_dir", root, "--out_dir", tmp_path / "tuned", "--num_epochs", 500, "--max_time",
-              "00:00:00:10", "--init_from", checkpoint, "--fixed_orientation", "--ema_decay", 0.9, "--elastic", 2,
-              "--no_intensity_augment",
-              *tiny, with_stderr=True)
+              "00:00:00:05", "--init_from", checkpoint, "--set", "turn=false", "--set", "ema_decay=0.9",
+              "--set", "photometric=false", *tiny, with_stderr=True)
     assert (tmp_path / "tuned" / "checkpoints" / "best.ckpt").is_file()
-    assert 1 <= load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["epoch"] < 100
+    assert 1 <= load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["global_step"] and \
+        load_checkpoint(str(tmp_path / "tuned" / "checkpoints" / "last.ckpt"))["epoch"] < 499
     assert f"model's scale {width:.1f} px (sequences rescaled by 1.00..1.00)" in out
     # fine-tuning scored the starting model first to choose its learning rate, and trained in training mode after
     assert "--init_from model before training: val instance dice" in out and "in eval mode at the start" not in out
@@ -435,7 +440,7 @@ class ThresholdModel(UNet):
     within 2 px of the background as border. What estimate_scale needs to measure widths, without training."""
 
     def __init__(self):
-        super().__init__(patch_size=64, tile_size=512, cell_width=10.0, intensity="percentile")
+        super().__init__(view="tiled", tile_size=512, cell_width=10.0, intensity="percentile")
 
     def forward(self, x):
         foreground = (x > (x.amax((2, 3), keepdim=True) + x.amin((2, 3), keepdim=True)) / 2).float()
@@ -444,7 +449,7 @@ class ThresholdModel(UNet):
 
 
 def test_scale_each_frame_rescales_every_frame_to_the_model(tmp_path):
-    from inference import frame_scales, predict_sequence
+    from inference import estimate_cell_width, predict_sequence, sequence_scale
 
     small = rods((160, 200))  # cells 12 px wide
     large = np.kron(small[:80, :100], np.ones((2, 2), small.dtype))  # the same cells twice as wide, same frame size
@@ -454,7 +459,8 @@ def test_scale_each_frame_rescales_every_frame_to_the_model(tmp_path):
     write_sequence(root, "a", list(zip(images, masks)))
     frames = list_frames(root, "a", with_masks=True)
     model = ThresholdModel()
-    scales, widths = frame_scales(model, frames, torch.device("cpu"))
+    widths = [estimate_cell_width(model, [frame], torch.device("cpu")) for frame in frames]
+    scales = sequence_scale(model, frames, torch.device("cpu"), each_frame=True)
     assert widths == pytest.approx([median_cell_width([small]), median_cell_width([large])], abs=1.5)
     assert scales[0] == 1.0  # 12 px against the model's 10: within SCALE_TOLERANCE, taken as it is
     assert scales[1] == pytest.approx(10 / median_cell_width([large]), rel=0.1)

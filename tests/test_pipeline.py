@@ -27,7 +27,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("pipeline")
     root = write_dataset(tmp / "data", sequences=("a", "b", "c"), unlabelled=("d", "e"), frames=6, shape=(90, 110))
     out = tmp / "run"
-    run("train.py", "--recipe", "faithful", "--root_dir", root, "--num_epochs", 2, "--batch_size", 4, "--input_size", 64,
+    run("train.py", "--config", "recipes/faithful.yaml", "--root_dir", root, "--num_epochs", 2, "--batch_size", 4, "--set", "input_size=64",
         "--num_workers", 0, "--out_dir", out)
     return root, out, tmp
 
@@ -77,7 +77,7 @@ def test_resume_refuses_to_overwrite_and_continues(trained):
     result = subprocess.run([sys.executable, "train.py", "--root_dir", root, "--out_dir", out], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode != 0 and "already holds a run" in result.stderr
-    run("train.py", "--recipe", "faithful", "--root_dir", root, "--num_epochs", 3, "--batch_size", 4, "--input_size", 64,
+    run("train.py", "--config", "recipes/faithful.yaml", "--root_dir", root, "--num_epochs", 3, "--batch_size", 4, "--set", "input_size=64",
         "--num_workers", 0, "--out_dir", out, "--resume")
     metrics = pd.read_csv(out / "metrics.csv")
     assert sorted(metrics.dropna(subset=["train_loss"])["epoch"]) == [0, 1, 2]  # old rows kept, one new epoch

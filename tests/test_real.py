@@ -51,7 +51,7 @@ def write_crops(root):
 def test_real_sample_end_to_end(tmp_path):
     root = write_crops(tmp_path / "trpL")
     assert tifffile.imread(os.path.join(root, "c", "t0006.tif")).dtype == np.uint16
-    run("train.py", "--recipe", "faithful", "--root_dir", root, "--num_epochs", 1, "--batch_size", 4, "--input_size", 128,
+    run("train.py", "--config", "recipes/faithful.yaml", "--root_dir", root, "--num_epochs", 1, "--batch_size", 4, "--set", "input_size=128",
         "--num_workers", 0, "--out_dir", tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     run("inference.py", "--root_dir", root, "--split", "val", "--from_checkpoint",

@@ -1,15 +1,17 @@
 """The post-training size filter: typical_cell_area and drop_small_instances on hand-built label images, the choice of
 min_area_fraction on validation frames (with a model that predicts known border-core maps), and that the choice
 travels in the checkpoint to inference."""
+import lightning as L
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader
 
 from border_core import (border_core_targets, drop_small_instances, instances_from_border_core, resize_nearest,
                          typical_cell_area)
 from inference import Postprocess
-from unet import UNet, choose_min_area_fraction, load_model, record_hparams
+from unet import MIN_AREA_FRACTIONS, UNet, best_size_filter, load_model, score_frame, validation_score
 
 
 def cells_and_fragments(fragments=True):
@@ -64,38 +66,60 @@ class KnownMaps(UNet):
     """A U-Net whose prediction is a fixed border-core map: its choice on validation frames has a known answer."""
 
     def __init__(self, semantic: np.ndarray, **kwargs):
-        super().__init__(patch_size=64, tile_size=128, cell_width=20.0, intensity="percentile", **kwargs)
+        super().__init__(view="tiled", tile_size=128, cell_width=20.0, intensity="percentile", **kwargs)
         self.register_buffer("known", F.one_hot(torch.from_numpy(semantic).long(), 3).permute(2, 0, 1).float())
 
     def forward(self, x):
         return self.known[None].expand(len(x), -1, -1, -1) * 10
 
 
+def validation_frame(gt):
+    return {"image": torch.zeros(1, 128, 128), "target": torch.zeros(128, 128, dtype=torch.long),
+            "instances": torch.from_numpy(resize_nearest(gt, (256, 256)).astype(np.int64)),
+            "shape": torch.tensor([128, 128])}
+
+
 @pytest.mark.parametrize("fragments", [True, False])
 def test_min_area_fraction_is_chosen_on_validation_frames(fragments):
     labels = cells_and_fragments(fragments)
     gt = cells_and_fragments(fragments=False)  # the fragments are not cells
-    model = KnownMaps(border_core_targets(labels))
-    frame = (torch.zeros(1, 128, 128), torch.zeros(128, 128, dtype=torch.long),
-             torch.from_numpy(resize_nearest(gt, (256, 256)).astype(np.int64)), torch.tensor([128, 128]))
-    fraction, scores = choose_min_area_fraction(model, [frame, frame])
+    model = KnownMaps(border_core_targets(labels), choose_size_filter=True)
+    scores = dict(zip(MIN_AREA_FRACTIONS, score_frame(model, border_core_targets(labels),
+                                                      validation_frame(gt)["instances"].numpy(), (128, 128),
+                                                      MIN_AREA_FRACTIONS)))
     assert scores[0] == pytest.approx(4 / 14 if fragments else 1.0, abs=0.01)
+    # the validation loop chooses it and keeps it in the hyperparameters that the epoch's checkpoints save
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    result = trainer.validate(model, DataLoader([validation_frame(gt)] * 2, batch_size=1), verbose=False)[0]
     if fragments:  # the smallest fraction that removes the 25 px fragments of 400 px cells: 1/16 (1/32 keeps them)
-        assert fraction == 1 / 16 and scores[fraction] == pytest.approx(1.0) and scores[1 / 32] == scores[0]
+        assert best_size_filter(scores) == 1 / 16 and scores[1 / 16] == pytest.approx(1.0)
+        assert scores[1 / 32] == scores[0]
+        assert model.hparams.min_area_fraction == 1 / 16 and result["val_instance_dice"] == pytest.approx(1.0)
     else:  # nothing to gain: no filter
-        assert fraction == 0
+        assert best_size_filter(scores) == 0 and model.hparams.min_area_fraction == 0
+    assert validation_score(model, [validation_frame(gt)]) == pytest.approx(1.0)
 
 
 def test_recorded_fraction_reaches_inference(tmp_path):
     semantic = border_core_targets(cells_and_fragments())
     model = KnownMaps(semantic)
     path = str(tmp_path / "model.ckpt")
-    hparams = dict(UNet(patch_size=64, tile_size=128, cell_width=20.0).hparams)
-    del hparams["min_area_fraction"]  # a checkpoint from before the filter
+    hparams = {"view": "tiled", "tile_size": 128, "cell_width": 20.0}
     torch.save({"hyper_parameters": hparams, "state_dict": UNet().state_dict(), "global_step": 0, "loops": {}}, path)
-    assert load_model(path).hparams.min_area_fraction == 0
-    record_hparams(path, min_area_fraction=0.125)
+    assert load_model(path).hparams.min_area_fraction == 0  # a checkpoint from before the filter
+    hparams["min_area_fraction"] = 0.125
+    torch.save({"hyper_parameters": hparams, "state_dict": UNet().state_dict(), "global_step": 0, "loops": {}}, path)
     loaded = load_model(path)
     assert loaded.hparams.min_area_fraction == 0.125
-    assert Postprocess(loaded)(0, semantic).max() == 4
-    assert Postprocess(model)(0, semantic).max() == 14
+    shapes = [(128, 128)]
+    assert Postprocess(loaded, shapes, native=True)(0, semantic).max() == 4
+    assert Postprocess(model, shapes, native=True)(0, semantic).max() == 14
+
+
+def test_checkpoints_of_old_runs_load_with_their_view(tmp_path):
+    path = str(tmp_path / "old.ckpt")
+    for patch_size, view in ((64, "tiled"), (0, "resized")):
+        torch.save({"hyper_parameters": {"patch_size": patch_size, "tile_size": 128}, "state_dict": UNet().state_dict()},
+                   path)
+        loaded = load_model(path)
+        assert loaded.hparams.view == view and "patch_size" not in loaded.hparams

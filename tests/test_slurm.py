@@ -26,7 +26,7 @@ LOCK_FILE = "/tmp/aihero-test-slurm.lock"  # one test cluster per machine: anoth
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
                 "PREEMPTED"}
 FRAMES = 5  # per sequence: a, b train (10 frames), c validates, d has no GT
-TINY = ["--batch_size", "2", "--input_size", "64"]
+TINY = ["--batch_size", "2", "--config", os.path.join(ROOT, "recipes", "faithful.yaml"), "--set", "input_size=64"]
 
 
 class Cluster:

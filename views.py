@@ -1,0 +1,65 @@
+"""How a model sees frames: its "view", chosen once by the recipe and recorded in the checkpoint (hparams.view).
+
+    resized   the original baseline's (docs/baseline.md §4): every frame resized to input_size x input_size, frames
+              batched; its instance map goes straight to the challenge's 256 x 256
+    tiled     frames at the model's scale (resampled so that cells are the model's cell_width wide), predicted whole
+              in overlapping tiles of tile_size; the instances go back to the frame's own size before 256 x 256
+
+Every layer that depends on the view (training data, validation, inference) asks the view object, never the recipe.
+"""
+import numpy as np
+import torch
+
+from border_core import instances_at_score_size, resize_nearest
+from data_files import rescale, to_uint8_range
+from tiling import sliding_window_logits
+
+
+class Resized:
+    name, rescales = "resized", False
+
+    def __init__(self, input_size: int = 512):
+        self.input_size = input_size
+
+    def image(self, image: np.ndarray, intensity: str, scale: float = 1.0) -> np.ndarray:
+        """The frame as the model sees it, float32 on the 0..255 scale (`scale` does not apply)."""
+        return resize_nearest(to_uint8_range(image, intensity), (self.input_size, self.input_size))
+
+    def logits(self, model, images: torch.Tensor) -> torch.Tensor:
+        return model(images)
+
+    def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
+        return resize_nearest(instances, size)
+
+    def batch_size(self, requested: int) -> int:
+        return requested
+
+
+class Tiled:
+    name, rescales = "tiled", True
+
+    def __init__(self, tile_size: int = 512, tile_batch: int = 4):
+        self.tile_size, self.tile_batch = tile_size, tile_batch
+
+    def image(self, image: np.ndarray, intensity: str, scale: float = 1.0) -> np.ndarray:
+        return rescale(to_uint8_range(image, intensity), scale)
+
+    def logits(self, model, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([sliding_window_logits(model, image, self.tile_size, batch_size=self.tile_batch)
+                            for image in images])
+
+    def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
+        return instances_at_score_size(instances, frame_shape, size)
+
+    def batch_size(self, requested: int) -> int:
+        return 1  # frames of a collection may differ in size; the tiles are batched instead
+
+
+def view_of(hparams) -> Resized | Tiled:
+    """The view a model records: hparams.view, or for checkpoints written before views had names, patch_size > 0."""
+    name = hparams.get("view") or ("tiled" if hparams.get("patch_size") else "resized")
+    if name == "tiled":
+        return Tiled(hparams.get("tile_size", 512))
+    if name == "resized":
+        return Resized(hparams.get("input_size", 512))
+    raise ValueError(f"unknown view {name!r}: 'resized' or 'tiled'")
