@@ -45,7 +45,7 @@ from data_files import DataError, error_line, to_uint8_range
 from movie_io import Movie, parse_frames, read_label_stack, read_movie
 
 DEFAULT_CELL_WIDTH_UM = 1.0  # µm: E. coli and most rod-shaped bacteria are 0.5-1.5 µm wide
-OVERLAY_MAX_SIDE = 1024  # px: larger frames are shrunk (by a whole factor) in overlay.gif
+OVERLAY_MAX_SIDE = 2048  # px: larger frames are shrunk (by a whole factor) in overlay.gif
 OVERLAY_FRAME_MS = 250
 
 
