@@ -2,6 +2,7 @@
 format and a table of per-cell histories.
 
     python track.py --labels pred/c --out_dir track/c                     # our predictions, t0000_256.tif ...
+    python track.py --pred_dir pred --seqs c,d --out_dir track            # track/c_RES, track/d_RES
     python track.py --labels sim_ctc/01_GT/SEG --out_dir track/01_RES     # any man_seg000.tif / mask000.tif folder
     python track.py --labels pred/c --out_dir track/c --out_size 512 512  # 256 x 256 predictions, native-size result
     python track.py --labels masks/ --out_dir track/m --register none     # link without following stage drift
@@ -485,9 +486,15 @@ def positive_size(text: str) -> int:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--labels", required=True, help="folder of per-frame instance maps")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", help="folder of per-frame instance maps")
+    source.add_argument("--pred_dir", help="predictions' root (inference.py's): each <pred_dir>/<seq> is tracked into "
+                        "<out_dir>/<seq>_RES")
+    parser.add_argument("--seqs", default=None, help="with --pred_dir: comma-separated sequences (default: every "
+                        "folder of --pred_dir)")
     parser.add_argument("--out_dir", "--out", dest="out_dir", required=True,
-                        help="result folder (CTC format: mask000.tif ..., res_track.txt; and tracks.csv, drift.csv)")
+                        help="result folder (CTC format: mask000.tif ..., res_track.txt; and tracks.csv, drift.csv); "
+                             "with --pred_dir the folder of the <seq>_RES results")
     parser.add_argument("--out_size", type=positive_size, nargs="+", default=None, metavar="PX",
                         help="resize the maps (nearest) to S x S or H x W before linking, e.g. the ground truth's size "
                              "for 256 x 256 predictions (default: as they are)")
@@ -501,16 +508,41 @@ def main(argv=None):
             parser.error(f"argument --out_size: one size S or two, H W; got {len(args.out_size)}: "
                          f"{' '.join(map(str, args.out_size))}")
         out_size = tuple(args.out_size * 2 if len(args.out_size) == 1 else args.out_size)
+    if args.seqs is not None and args.pred_dir is None:
+        parser.error("argument --seqs: goes with --pred_dir (with --labels the folder is the sequence)")
     try:
-        summary = track(args.labels, args.out_dir, out_size, args.overwrite, args.register == "masks")
+        jobs = [(args.labels, args.out_dir)] if args.labels else [
+            (os.path.join(args.pred_dir, seq), os.path.join(args.out_dir, f"{seq}_RES"))
+            for seq in prediction_sequences(args.pred_dir, args.seqs)]
+        for labels, out_dir in jobs:  # every sequence read and checked before its result is written
+            summary = track(labels, out_dir, out_size, args.overwrite, args.register == "masks")
+            print(f"{out_dir}: {summary['frames']} frames, {summary['tracks']} tracks, {summary['divisions']} "
+                  f"divisions; largest shift between frames {summary['largest_shift']:.0f} px; linking "
+                  f"{summary['link_seconds']:.2f} s ({summary['frames'] / max(summary['link_seconds'], 1e-9):.1f} "
+                  f"frames/s)")
+            if summary["warning"]:
+                print(summary["warning"], file=sys.stderr)
     except DataError as error:
         sys.exit(f"error: {error}")
-    print(f"{args.out_dir}: {summary['frames']} frames, {summary['tracks']} tracks, {summary['divisions']} "
-          f"divisions; largest shift between frames {summary['largest_shift']:.0f} px; linking "
-          f"{summary['link_seconds']:.2f} s ({summary['frames'] / max(summary['link_seconds'], 1e-9):.1f} frames/s)")
-    if summary["warning"]:
-        print(summary["warning"], file=sys.stderr)
     return summary
+
+
+def prediction_sequences(pred_dir: str, seqs: str | None) -> list[str]:
+    """The sequences to track: those named (each must be a folder of pred_dir), else every folder of pred_dir."""
+    if not os.path.isdir(pred_dir):
+        raise DataError(f"{pred_dir}: prediction folder does not exist")
+    found = sorted(e for e in os.listdir(pred_dir) if os.path.isdir(os.path.join(pred_dir, e)) and
+                   not e.startswith("."))
+    if seqs is None:
+        if not found:
+            raise DataError(f"{pred_dir}: no sequence folder to track")
+        return found
+    names = [name.strip() for name in seqs.split(",") if name.strip()]
+    missing = [name for name in names if name not in found]
+    if missing or not names:
+        raise DataError(f"{pred_dir}: no sequence {', '.join(missing) or repr(seqs)} (folders found: "
+                        f"{', '.join(found) or 'none'}); choose with --seqs")
+    return names
 
 
 if __name__ == "__main__":

@@ -140,3 +140,21 @@ def test_shift_of_a_hand_built_pair_is_found():
     after = track.shifted(before, (7, -9))
     assert track.frame_shift(before, after).tolist() == [7, -9]
     assert track.frame_shift(before, np.zeros_like(before)).tolist() == [0, 0]  # nothing to register against
+
+
+def test_track_py_takes_pred_dir_and_seqs_as_eval_and_pictures_do(tmp_path, capsys):
+    for seq in ("c", "d"):
+        (tmp_path / "pred" / seq).mkdir(parents=True)
+        for t in range(3):
+            frame = np.zeros((20, 30), np.uint16)
+            frame[2:8, 2 + t:20 + t] = 5
+            tifffile.imwrite(tmp_path / "pred" / seq / f"t{t:04d}_256.tif", frame)
+    track.main(["--pred_dir", str(tmp_path / "pred"), "--seqs", "d", "--out_dir", str(tmp_path / "track")])
+    assert os.listdir(tmp_path / "track") == ["d_RES"]
+    assert [tuple(r) for r in read_tracks(str(tmp_path / "track" / "d_RES" / "res_track.txt"))] == [(1, 0, 2, 0)]
+    track.main(["--pred_dir", str(tmp_path / "pred"), "--out_dir", str(tmp_path / "all")])
+    assert sorted(os.listdir(tmp_path / "all")) == ["c_RES", "d_RES"]
+    with pytest.raises(SystemExit) as stop:
+        track.main(["--pred_dir", str(tmp_path / "pred"), "--seqs", "e", "--out_dir", str(tmp_path / "none")])
+    assert stop.value.code == f"error: {tmp_path / 'pred'}: no sequence e (folders found: c, d); choose with --seqs"
+    assert not os.path.exists(tmp_path / "none")
