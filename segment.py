@@ -49,8 +49,14 @@ OVERLAY_MAX_SIDE = 2048  # px: larger frames are shrunk (by a whole factor) in o
 OVERLAY_FRAME_MS = 250
 
 
-class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's default in its help: appended where the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" not in text and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
 
 
 def positive_float(text: str) -> float:
@@ -85,24 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("movie", help="the movie file (TIFF; ND2, CZI, LIF, OME-Zarr with requirements-movie.txt)")
     parser.add_argument("--out", "--out_dir", dest="out", required=True, help="result folder")
     parser.add_argument("--channel", type=index_type, default=None,
-                        help="channel to segment (0-based), needed where the file has several (RGB included)")
+                        help="channel to segment (0-based), needed where the file has several (RGB included) (default: none: one channel)")
     parser.add_argument("--position", type=index_type, default=None,
-                        help="position (series, scene) to segment, needed where the file has several")
-    parser.add_argument("--z", type=index_type, default=None, help="plane of a z-stack (0-based)")
-    parser.add_argument("--frames", type=frames_type, default=slice(None), metavar="START:STOP",
-                        help="the frames to segment, e.g. 0:50 (default: all)")
+                        help="position (series, scene) to segment, needed where the file has several (default: none: one position)")
+    parser.add_argument("--z", type=index_type, default=None, help="plane of a z-stack (0-based) (default: none: 2-D frames)")
+    parser.add_argument("--frames", type=frames_type, default=":", metavar="START:STOP",
+                        help="the frames to segment, e.g. 0:50; ':' is every frame (default: %(default)s)")
     parser.add_argument("--pixel_size", type=positive_float, default=None, metavar="UM",
                         help="µm per pixel (default: from the file's metadata; without either, the cells' width is "
                              "estimated from the frames)")
     parser.add_argument("--cell_width_um", type=positive_float, default=DEFAULT_CELL_WIDTH_UM,
                         help="the cells' width in µm, used with the pixel size")
     parser.add_argument("--cell_width", type=positive_float, default=None, metavar="PX",
-                        help="the cells' width in px in these frames (overrides the pixel size and --cell_width_um)")
+                        help="the cells' width in px in these frames, overriding the pixel size and --cell_width_um "
+                             "(default: from the pixel size, else estimated)")
     parser.add_argument("--model", default=None,
                         help="a checkpoint (.ckpt or exported .pt) (default: the bundled model "
                              "models/bacteria_generalist.pt)")
     parser.add_argument("--gt", default=None, metavar="MASKS",
-                        help="a mask stack (same frames and size) to score the prediction against (Instance Dice)")
+                        help="a mask stack (same frames and size) to score the prediction against, Instance Dice "
+                             "(default: none)")
     parser.add_argument("--register", choices=("masks", "none"), default="masks",
                         help="follow stage drift by registering consecutive frames' masks, or not")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")

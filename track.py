@@ -30,7 +30,8 @@ one frame, a warning says so.
 
 Linking, frame t-1 -> t, from one contingency table of the two label maps (np.bincount over paired labels):
   1. division: a cell of t-1 with two cells of t each lying mostly inside it (overlap > DAUGHTER_INSIDE of the
-     daughter's area), together covering more than MOTHER_COVERED of it, each smaller than DAUGHTER_MAX_SHARE of it;
+     daughter's area; registered, inside it grown by DIVISION_TOLERANCE px), together covering more than
+     MOTHER_COVERED of it, each smaller than DAUGHTER_MAX_SHARE of it;
   2. continuation: one-to-one assignment of the other cells (scipy's linear_sum_assignment, cost 1 - IoU, pairs with
      IoU >= MIN_IOU only, the most pairs first);
   3. gap closing: a cell of t left over links to a track lost at t-1 (last seen at t-2) by the same assignment on
