@@ -14,7 +14,7 @@ Data (read from ../shared/real, never copied into the repository; written as seq
 - simulated: simulate.py's three sequences of 20 frames of 256 x 256 (SIMULATE_ARGS): a trains, b selects, c tests.
 
 Rows per dataset: the method's ceiling (ground truth -> border-core targets -> postprocessing), the faithful recipe
-(SPEC §4), the patch recipe from scratch, where a checkpoint is given (--generalist) that model zero-shot and
+(docs/baseline.md §4), the patch recipe from scratch, where a checkpoint is given (--generalist) that model zero-shot and
 fine-tuned, and Cellpose 3 trained from scratch with its command-line defaults (peer_cellpose.py, in its own venv
 .venv-cellpose, created when missing): one training run of its 500 epochs (or up to --cellpose_max_cpu_seconds),
 a checkpoint every 10 epochs, scored at the checkpoints first past 1x, 2x and 4x the patch recipe's CPU-seconds
@@ -232,13 +232,20 @@ def write_score_size_predictions(pred_dir: str, sequence: str = "c"):
                               narrowest_unsigned(instances_at_score_size(native, native.shape)))
 
 
+def predicted_every_frame(pred_dir: str, root: str, sequence: str = "c") -> bool:
+    """Whether an earlier prediction left a native mask for every frame of the sequence (else it is predicted again)."""
+    folder = os.path.join(pred_dir, sequence)
+    frames = {frame.number for frame in list_frames(root, sequence, with_masks=False)}
+    return os.path.isdir(folder) and frames <= set(numbered_files(folder, NATIVE_PREDICTION_PATTERN))
+
+
 def cellpose_rows(root: str, run_dir: str, reference_cpu: float | None, every: int, max_cpu_seconds: float):
     checkpoints, train_command = train_cellpose(root, run_dir, max_cpu_seconds)
     python = cellpose_python(run_dir)
     rows = []
     for checkpoint in chosen_checkpoints(checkpoints, reference_cpu, every):
         pred_dir = os.path.join(run_dir, f"pred_{checkpoint['epochs']:04d}")
-        if not os.path.isdir(os.path.join(pred_dir, "c")):
+        if not predicted_every_frame(pred_dir, root):
             run_timed([python, "peer_cellpose.py", "predict", "--model", os.path.join(run_dir, "run", checkpoint["model"]),
                        "--root_dir", root, "--seqs", "c", "--pred_dir", pred_dir],
                       os.path.join(run_dir, f"predict_{checkpoint['epochs']:04d}.log"))
@@ -384,7 +391,7 @@ def main(argv=None):
                         help=f"comma-separated, of {','.join(DATASETS)} (default %(default)s)")
     parser.add_argument("--recipes", default="ceiling,faithful,patches,zero_shot,fine_tuned,cellpose",
                         help="(default %(default)s)")
-    parser.add_argument("--faithful_epochs", type=int, default=100, help="SPEC §4: 100 (default %(default)s)")
+    parser.add_argument("--faithful_epochs", type=int, default=100, help="docs/baseline.md §4: 100 (default %(default)s)")
     parser.add_argument("--patch_args", default="", help="extra train.py arguments of the patch recipe")
     parser.add_argument("--generalist", default=None, help="a checkpoint for the zero-shot and fine-tuned rows")
     parser.add_argument("--cellpose_max_cpu_seconds", type=float, default=0,

@@ -186,3 +186,13 @@ def test_simulated_dataset_has_train_select_and_test_sequences_with_masks(tmp_pa
     stamp = os.stat(os.path.join(root, "a", "t0000.tif")).st_mtime_ns
     assert benchmark_real.prepare("unused", "simulated", str(tmp_path)) == root  # reused, not rewritten
     assert os.stat(os.path.join(root, "a", "t0000.tif")).st_mtime_ns == stamp
+
+
+def test_an_interrupted_prediction_is_not_taken_for_a_whole_one(tmp_path):
+    root, pred_dir = str(tmp_path / "data"), str(tmp_path / "pred")
+    write_dataset(root, frames=3, shape=(60, 76))
+    assert not benchmark_real.predicted_every_frame(pred_dir, root)
+    write_native_predictions(root, pred_dir)
+    assert benchmark_real.predicted_every_frame(pred_dir, root)
+    os.remove(os.path.join(pred_dir, "c", prediction_name(2, native=True)))
+    assert not benchmark_real.predicted_every_frame(pred_dir, root)
