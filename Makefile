@@ -40,7 +40,7 @@ demo: $(VENV)/.installed
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_PRED)
 	$(PY) simulate.py --out_dir $(DEMO_DATA) --sequences 5 --frames 40 --size 192 --seed 0
 	$(PY) train.py --root_dir $(DEMO_DATA) --out_dir $(DEMO_RUN) --num_epochs $(DEMO_EPOCHS) --batch_size 8 \
-		--patch_size 128 --tile_size 192 --patches_per_epoch 128
+		--set patch_size=128 --set tile_size=192 --set patches_per_epoch=128
 	$(PY) inference.py --root_dir $(DEMO_DATA) --split val --from_checkpoint $(DEMO_RUN)/checkpoints/best.ckpt \
 		--pred_dir $(DEMO_PRED)
 	$(PY) eval.py --pred_dir $(DEMO_PRED) --root_dir $(DEMO_DATA)
@@ -65,7 +65,7 @@ demo: $(VENV)/.installed
 # domain-randomised simulated sequences (simulate.py --randomise: phase contrast and brightfield, cells 6-20 px wide,
 # chambers, channels, agar pads), each sequence rescaled so that its cells are 16 px wide (the border-core targets
 # need cores: at 4 px of border a 9 px cell is nearly all border); no real frame, so scores on real data are
-# zero-shot. Cost: docs/real_microscopy.md.
+# zero-shot. Cost: docs/results.md (The bundled model).
 GENERALIST_DATA ?= generalist_data
 GENERALIST_RUN ?= runs/generalist
 GENERALIST_EPOCHS ?= 15
@@ -74,8 +74,8 @@ pretrained: $(VENV)/.installed
 	$(PY) simulate.py --out_dir $(GENERALIST_DATA) --randomise --sequences 26 --without_gt 0 --frames 24 --size 256 \
 		--seed 7
 	$(PY) train.py --root_dir $(GENERALIST_DATA) --train_seqs a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x,y \
-		--val_seqs z --out_dir $(GENERALIST_RUN) --model_cell_width 16 --patch_size 128 --tile_size 256 \
-		--patches_per_epoch 256 --batch_size 8 --num_epochs $(GENERALIST_EPOCHS) \
+		--val_seqs z --out_dir $(GENERALIST_RUN) --model_cell_width 16 --set patch_size=128 --set tile_size=256 \
+		--set patches_per_epoch=256 --batch_size 8 --num_epochs $(GENERALIST_EPOCHS) \
 		--export_to models/bacteria_generalist.pt
 
 # the README's pictures are the demo's: make readme-imgs reruns the demo drawing into readme_imgs/

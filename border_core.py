@@ -1,4 +1,4 @@
-"""The border-core representation (SPEC §2, §5): instance mask -> 3-class map for training, and the model's 3-class
+"""The border-core representation (docs/baseline.md §2, §5): instance mask -> 3-class map for training, and the model's 3-class
 map -> instances. Pure numpy/scipy, no I/O.
 
     0 background, 1 core (a cell's interior, 4 px away from anything else), 2 border (the rest of each cell)
@@ -9,13 +9,13 @@ import numpy as np
 from scipy import ndimage
 
 BACKGROUND, CORE, BORDER = 0, 1, 2
-BORDER_WIDTH = 4  # erosions with the 3 x 3 cross, SPEC §2
+BORDER_WIDTH = 4  # erosions with the 3 x 3 cross, docs/baseline.md §2
 CROSS = ndimage.generate_binary_structure(2, 1)  # 4-connectivity, as acvl-utils 0.2.6
-SCORE_SIZE = (256, 256)  # predictions are written and scored at 256 x 256 (SPEC §5, §6)
+SCORE_SIZE = (256, 256)  # predictions are written and scored at 256 x 256 (docs/baseline.md §5, §6)
 
 
 def border_core_targets(labels: np.ndarray) -> np.ndarray:
-    """Border-core map of an instance mask (SPEC §2): 0 background, 1 core, 2 border.
+    """Border-core map of an instance mask (docs/baseline.md §2): 0 background, 1 core, 2 border.
 
     The baseline erodes each instance 4 times with the 3 x 3 cross, the image edge not eroding: a pixel is core when
     every in-image pixel within city-block distance 4 carries its label. Computed for all instances at once: a pixel

@@ -89,7 +89,7 @@ class EnergyCallback(Callback):
 class EpochLine(Callback):
     """One line per epoch on the console: what a newcomer looks at while a run trains. It also logs
     train_images_per_second: images (patches or frames) of the epoch's training part over its wall time, validation
-    left out, summed over the processes under DDP; the GPU figure of the README."""
+    left out, summed over the processes under DDP; the GPU figure of docs/results.md."""
 
     def on_fit_start(self, trainer, pl_module):
         self.start = self.train_end = None  # a run resumed in the middle of an epoch starts no epoch before its end

@@ -1,4 +1,4 @@
-"""Instance Dice (SPEC §6): score predicted instance maps against ground truth, per frame and overall; beside it the
+"""Instance Dice (docs/baseline.md §6): score predicted instance maps against ground truth, per frame and overall; beside it the
 detection scores at IoU thresholds, and the Cell Tracking Challenge's SEG, DET and TRA of a tracking result.
 
     python eval.py --pred_dir pred --root_dir /path/to/data_root [--native] [--seqs c] [--csv pred/instance_dice.csv]

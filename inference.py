@@ -19,10 +19,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+import data_files
 from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest_exact
 from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, default_sequences, error_line,
                         frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
+from cli_types import HelpFormatter, non_negative_int, positive_float, positive_int
 from dataset import UnlabelledFrames
+from folder_lock import lock_folder
 from energy import EnergyMeter
 from scale import frame_scale, median_cell_width
 from unet import UNet, load_model
@@ -196,25 +199,41 @@ def old_predictions(pred_dir: str, sequence: str) -> list[str]:
             if PREDICTION_PATTERN.match(name) or NATIVE_PREDICTION_PATTERN.match(name)]
 
 
-def check_prediction_folder(pred_dir: str, sequence: str, frames, overwrite: bool, native: bool = False):
-    """Refuse a folder with predictions this run would not write: mixed with the new ones they would be scored as if
-    they were. With overwrite, every old prediction of the folder is deleted (before anything new is written)."""
+def predictions_to_remove(pred_dir: str, sequence: str, frames, overwrite: bool, native: bool = False) -> list[str]:
+    """The old predictions of pred_dir/<sequence> this run removes before it writes: with overwrite all of them;
+    without, the maps at the frames' own size of the frames it predicts when it writes none (they would no longer
+    match). Refused (DataError): a folder with predictions of frames this run does not predict, which mixed with the
+    new ones would be scored as if they were."""
     old = old_predictions(pred_dir, sequence)
     if overwrite:
-        for path in old:
-            os.unlink(path)
-        return
-    ours = {prediction_name(frame.name) for frame in frames} | \
-        ({prediction_name(frame.name, native=True) for frame in frames} if native else set())
-    stale = [path for path in old if os.path.basename(path) not in ours]
+        return old
+    ours = {prediction_name(frame.name) for frame in frames}
+    ours_native = {prediction_name(frame.name, native=True) for frame in frames}
+    stale = [path for path in old if os.path.basename(path) not in ours | ours_native]
     if stale:
         names = ", ".join(os.path.basename(path) for path in stale[:3]) + (", ..." if len(stale) > 3 else "")
         raise DataError(f"{os.path.join(pred_dir, sequence)}: holds {len(stale)} prediction(s) of frames this run does "
                         f"not predict ({names}), left from another run; --overwrite clears the old predictions first")
+    return [] if native else [path for path in old if os.path.basename(path) in ours_native]
+
+
+def chosen_sequences(root_dir: str, seqs: str | None, split: str) -> list[str]:
+    """The sequences to predict: --seqs, else the split's defaults, which must all be there."""
+    if seqs:
+        return seqs.split(",")
+    sequences = default_sequences(root_dir, split)
+    found = sorted(name for name in os.listdir(root_dir) if os.path.isdir(os.path.join(root_dir, name))
+                   and not name.endswith("_GT") and not name.startswith(".")) if os.path.isdir(root_dir) else []
+    missing = [sequence for sequence in sequences if sequence not in found]
+    if missing:
+        raise DataError(f"{root_dir}: no sequence {', '.join(missing)} (the {split} split's default); it holds "
+                        f"{', '.join(found) or 'no sequence folder'}: choose with --seqs, e.g. --seqs "
+                        f"{','.join(found[:2]) or 'NAME'}")
+    return sequences
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root_dir", required=True, help="data root, challenge or CTC layout")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"],
                         help="sequences by role: test = d,e (04,05 in CTC layout), val = c (03), train = a,b (01,02)")
@@ -223,13 +242,13 @@ def main(argv=None):
                         help="a .ckpt written by train.py (default: the bundled generalist model for rod-shaped "
                              "bacteria, models/bacteria_generalist.pt)")
     parser.add_argument("--pred_dir", default="pred")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", type=int, default=min(4, os.cpu_count() or 1),
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="frames per batch (resized view)")
+    parser.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="loader processes that read and resize frames")
-    parser.add_argument("--postprocess_workers", type=int, default=min(8, os.cpu_count() or 1),
+    parser.add_argument("--postprocess_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
                         help="processes that turn border-core maps into instances and write them (0: inline)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when present), cuda, cuda:1, cpu")
-    parser.add_argument("--cell_width", type=float, default=None,
+    parser.add_argument("--cell_width", type=positive_float, default=None,
                         help="width of the cells in your frames, px (patch models rescale to their own scale); "
                              "default: estimated from a first prediction")
     parser.add_argument("--scale_each_frame", action="store_true",
@@ -241,22 +260,39 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the old predictions in pred_dir/<seq> first (without it such a folder is refused "
                              "if it holds predictions of frames this run does not predict)")
+    parser.add_argument("--max_pixels", type=positive_int, default=data_files.MAX_PIXELS,
+                        help="refuse frames larger than this many pixels (checked before they are decoded)")
     args = parser.parse_args(argv)
+    data_files.MAX_PIXELS = args.max_pixels  # loader workers are forked: they inherit it
+    if args.device != "auto" and args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available here (use auto or cpu)")
     if args.scale_each_frame and args.cell_width:
         parser.error("--scale_each_frame estimates the cells' width: it cannot be given with --cell_width")
 
     if not os.path.isfile(args.from_checkpoint):
-        sys.exit(f"error: {args.from_checkpoint}: checkpoint not found")
+        sys.exit(f"error: {args.from_checkpoint}: checkpoint not found (without --from_checkpoint the bundled model "
+                 f"{os.path.relpath(BUNDLED_MODEL)} is used)")
     try:
         # on the CPU: the pool below must fork before CUDA is initialised; the model moves to the device when it runs
         model = load_model(args.from_checkpoint, map_location="cpu")
-        sequences = args.seqs.split(",") if args.seqs else default_sequences(args.root_dir, args.split)
+        sequences = chosen_sequences(args.root_dir, args.seqs, args.split)
         # every sequence found and every folder checked before the first file is deleted or written
         frames = {sequence: list_frames(args.root_dir, sequence, with_masks=False) for sequence in sequences}
-        for sequence in sequences:
-            check_prediction_folder(args.pred_dir, sequence, frames[sequence], args.overwrite, args.native)
+        removed = [path for sequence in sequences
+                   for path in predictions_to_remove(args.pred_dir, sequence, frames[sequence], args.overwrite,
+                                                     args.native)]
     except (DataError, OSError) as error:
         sys.exit(error_line(error))
+    try:
+        with lock_folder(args.pred_dir, "inference.py"):  # one writer per prediction folder
+            for path in removed:
+                os.unlink(path)
+            predict_all(args, model, sequences)
+    except (DataError, OSError) as error:  # also from a pool process (disk full), raised again here
+        sys.exit(error_line(error))
+
+
+def predict_all(args, model: UNet, sequences: list[str]):
     device = pick_device(args.device)
     # the meter counts this process's GPU, RAPL where readable, and the CPU time of the pool once it has exited
     meter = EnergyMeter(gpus=[device.index or 0] if device.type == "cuda" else []).start()
@@ -270,8 +306,6 @@ def main(argv=None):
                                      args.scale_each_frame)
             total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
-    except (DataError, OSError) as error:  # also from a pool process (disk full), raised again here
-        sys.exit(error_line(error))
     finally:
         if pool is not None:
             pool.close()

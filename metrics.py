@@ -1,7 +1,7 @@
 """Matching predicted instances to ground truth, and the scores built on it. Pure numpy, no I/O (in the manner of
 stardist's matching.py).
 
-    instance_dice(gt, pred)   the challenge's score (SPEC §6): greedy Dice matching as acvl-utils, averaged the
+    instance_dice(gt, pred)   the challenge's score (docs/baseline.md §6): greedy Dice matching as acvl-utils, averaged the
                               baseline's way
     iou_counts(gt, pred, t)   TP, FP, FN of a one-to-one matching with IoU > t, and from them
     detection_scores(...)     precision, recall, F1 and AP = TP / (TP + FP + FN) (AP as StarDist and Cellpose report it)

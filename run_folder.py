@@ -5,11 +5,12 @@ import csv
 import glob
 import os
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 from data_files import DataError
-from unet import load_checkpoint
+from unet import CheckpointError, load_checkpoint
 
 
 def newest_checkpoint(out_dir: str) -> str | None:
@@ -21,22 +22,41 @@ def newest_checkpoint(out_dir: str) -> str | None:
     return max(paths, key=lambda path: (steps(path), os.path.getmtime(path)), default=None)
 
 
-def completed_epochs(checkpoint: dict) -> int:
+def completed_epochs(checkpoint: dict, path: str) -> int:
     """Epochs a checkpoint holds in full: requeue.ckpt is taken in the middle of an epoch."""
-    return checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    try:
+        return int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(path, "no record of the epochs it holds (loops.fit_loop)") from None
 
 
-@rank_zero_only  # the logger writes on rank 0 only, and rewrites this file: other ranks must not read it meanwhile
-def restore_metrics(logger: CSVLogger, metrics_file: str, completed_epochs: int):
-    """Lightning's CSV writer deletes an existing metrics.csv when a run restarts in the same folder; hand it the
-    rows of the epochs the checkpoint holds, so the resumed run keeps one complete log."""
-    with open(metrics_file, newline="") as file:
-        rows = list(csv.DictReader(file))  # all of them first: the logger may flush into this file while logging
-    for row in rows:
-        if row.get("epoch") and int(float(row["epoch"])) < completed_epochs:
-            values = {k: int(float(v)) if k == "epoch" else float(v)
-                      for k, v in row.items() if v not in ("", None) and k != "step"}
-            logger.log_metrics(values, step=int(float(row["step"])))
+def metrics_to_keep(out_dir: str, checkpoint_path: str | None) -> list[tuple[dict, int]]:
+    """(values, step) of the rows of the run's metrics.csv that the checkpoint holds, read and checked before the
+    run goes on: Lightning's CSV writer deletes an existing metrics.csv when a run restarts in the same folder, so
+    these are handed back to it (restore_metrics) and the resumed run keeps one complete log."""
+    metrics_file = os.path.join(out_dir, "metrics.csv")
+    if checkpoint_path is None or not os.path.isfile(metrics_file):
+        return []
+    epochs = completed_epochs(load_checkpoint(checkpoint_path), checkpoint_path)
+    try:
+        with open(metrics_file, newline="") as file:
+            rows = list(csv.DictReader(file))
+        kept = []
+        for row in rows:
+            if row.get("epoch") and int(float(row["epoch"])) < epochs:
+                kept.append(({k: int(float(v)) if k == "epoch" else float(v)
+                              for k, v in row.items() if v not in ("", None) and k not in ("step", None)},
+                             int(float(row["step"]))))
+    except (ValueError, TypeError, KeyError, csv.Error, UnicodeDecodeError) as error:
+        raise DataError(f"{metrics_file}: not a metrics log of train.py ({type(error).__name__}: {error}); move it "
+                        f"away to resume without it") from None
+    return kept
+
+
+@rank_zero_only  # the logger writes on rank 0 only
+def restore_metrics(logger: CSVLogger, rows: list[tuple[dict, int]]):
+    for values, step in rows:
+        logger.log_metrics(values, step=step)
 
 
 def checkpoint_to_resume(out_dir: str, resume: bool) -> str | None:
@@ -55,3 +75,26 @@ def checkpoint_to_resume(out_dir: str, resume: bool) -> str | None:
         for path in sorted(glob.glob(os.path.join(out_dir, "hpc_ckpt_*.ckpt"))):
             load_checkpoint(path)
     return checkpoint if continuing else None
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint whose saved state names its files by their names in the run's checkpoint folder,
+    not by absolute paths: a run folder that was copied or moved resumes into itself, never writing into the
+    original, and best.ckpt stays the best of this run (no best-v1.ckpt beside a stale one). Checkpoints saved with
+    absolute paths are taken by their file names too."""
+
+    def state_dict(self):
+        state = super().state_dict()
+        name = lambda path: os.path.basename(path) if path else path
+        return dict(state, dirpath=".", best_model_path=name(state["best_model_path"]),
+                    kth_best_model_path=name(state["kth_best_model_path"]),
+                    last_model_path=name(state["last_model_path"]),
+                    best_k_models={name(path): score for path, score in state["best_k_models"].items()})
+
+    def load_state_dict(self, state_dict):
+        here = lambda path: os.path.join(self.dirpath, os.path.basename(path)) if path else path
+        super().load_state_dict(dict(
+            state_dict, dirpath=self.dirpath, best_model_path=here(state_dict.get("best_model_path", "")),
+            kth_best_model_path=here(state_dict.get("kth_best_model_path", "")),
+            last_model_path=here(state_dict.get("last_model_path", "")),
+            best_k_models={here(path): score for path, score in state_dict.get("best_k_models", {}).items()}))

@@ -18,6 +18,7 @@ complete epoch. Under SLURM the job's warning signal saves checkpoints/requeue.c
 resumes by itself (slurm.py). Checkpoints are only ever read weights-only (unet.load_checkpoint).
 """
 import argparse
+import contextlib
 import os
 import re
 import signal
@@ -25,29 +26,24 @@ import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
+import data_files
 from callbacks import EnergyCallback, EpochLine
+from checkpoint_io import AtomicCheckpointIO
+from cli_types import HelpFormatter, non_negative_int, positive_float, positive_int
 from data_files import DataError, atomic_write, default_sequences, error_line
 from dataset import CellDataModule, labelled_frames, training_sets
 from recipe import DEFAULT_RECIPE, RecipeError, load_recipe, recipe_yaml
-from run_folder import checkpoint_to_resume, completed_epochs, restore_metrics
+from folder_lock import lock_folder
+from run_folder import RunCheckpoint, checkpoint_to_resume, metrics_to_keep, restore_metrics
 from slurm import RequeueOnSignal, Terminated, slurm_settings, stop_on_sigterm
-from unet import UNet, export_weights, load_checkpoint, load_model, validation_score
+from unet import UNet, export_weights, load_model, validation_score
 
 say = rank_zero_only(print)  # lines said before the Trainer exists, by every DDP process alike: once is enough
 KNOWN_CELLS_DICE = 0.5  # fine_tune_lr "auto": a starting model scoring this much already knows cells of this kind
-
-
-def positive(kind):
-    def parse(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-        return value
-    return parse
 
 
 def wall_time(text: str) -> str:
@@ -57,7 +53,7 @@ def wall_time(text: str) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     add = parser.add_argument
     add("--root_dir", help="data root, challenge or CTC layout (required unless --print_config)")
     add("--train_seqs", help="comma-separated sequences to train on (default: a,b; 01,02 in CTC layout)")
@@ -69,23 +65,25 @@ def parse_args(argv=None):
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="change one key of the recipe (repeatable)")
     add("--print_config", action="store_true", help="print the resolved recipe and exit")
     add("--init_from", help="start from this model's weights (fine-tuning), e.g. models/bacteria_generalist.pt")
-    add("--num_epochs", type=positive(int), help="epochs (default: the recipe's)")
-    add("--batch_size", type=positive(int), help="batch size (default: the recipe's)")
-    add("--model_cell_width", type=positive(float),
+    add("--num_epochs", type=positive_int, help="epochs (default: the recipe's)")
+    add("--batch_size", type=positive_int, help="batch size (default: the recipe's)")
+    add("--model_cell_width", type=positive_float,
         help="tiled view: rescale the training frames so that cells are this wide, px (default: the frames' own "
              "width, or the --init_from model's where it differs by more than the scale tolerance)")
     add("--resume", action="store_true",
         help="continue the run in --out_dir from its newest checkpoint (automatic in a requeued SLURM job)")
-    add("--seed", type=int, default=42, help="default: %(default)s")
-    add("--num_workers", type=int, choices=range(0, 65), metavar="N", default=min(8, os.cpu_count() or 1),
-        help="loader processes (default: %(default)s)")
+    add("--seed", type=int, default=42, help="random seed")
+    add("--num_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="loader processes")
     add("--devices", help="devices (processes) per node (default: the job's tasks per node under SLURM, else auto)")
     add("--precision", help="Lightning precision (default: 16-mixed on CUDA, 32-true on the CPU)")
     add("--export_to", help="after training, write the best checkpoint's weights (float16) here, as the bundled model")
     add("--max_time", type=wall_time, help="stop after this wall time, DD:HH:MM:SS, with whole checkpoints")
+    add("--max_pixels", type=positive_int, default=data_files.MAX_PIXELS,
+        help="refuse frames larger than this many pixels (checked before they are decoded)")
     args = parser.parse_args(argv)
     if not args.root_dir and not args.print_config:
         parser.error("--root_dir is required")
+    data_files.MAX_PIXELS = args.max_pixels  # loader workers are forked: they inherit it
     args.set += [f"{name}={getattr(args, name)}" for name in ("num_epochs", "batch_size") if getattr(args, name)]
     return args
 
@@ -144,12 +142,12 @@ def fine_tuning_lr(model: UNet, data: CellDataModule, recipe, cuda: bool) -> flo
     return lr
 
 
-def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, ModelCheckpoint, bool]:
+def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, RunCheckpoint, bool]:
     checkpoint_dir = os.path.join(args.out_dir, "checkpoints")
-    best = ModelCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
+    best = RunCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
                            save_top_k=1)
     # last.ckpt every epoch; not save_last=True above, which Lightning writes only in an epoch whose score improved
-    last = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
+    last = RunCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     callbacks = [best, last, EnergyCallback(), EpochLine()]
     if recipe.ema_decay:
         callbacks.append(EMAWeightAveraging(decay=recipe.ema_decay))
@@ -163,7 +161,7 @@ def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, ModelCheckpoint, 
     trainer = L.Trainer(
         max_epochs=recipe.num_epochs, min_steps=recipe.min_steps or None, max_time=args.max_time,
         accelerator=recipe.accelerator, devices=devices, num_nodes=num_nodes,
-        precision=args.precision or ("16-mixed" if cuda else "32-true"), plugins=plugins,
+        precision=args.precision or ("16-mixed" if cuda else "32-true"), plugins=plugins + [AtomicCheckpointIO()],
         default_root_dir=args.out_dir, logger=CSVLogger(args.out_dir, name="", version=""), callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=sys.stderr.isatty(), deterministic=False)
     return trainer, best, slurm
@@ -173,25 +171,29 @@ def train(args, recipe):
     L.seed_everything(args.seed, workers=True)
     cuda = torch.cuda.is_available() and recipe.accelerator in ("auto", "gpu", "cuda")
     resume_from = checkpoint_to_resume(args.out_dir, args.resume)
+    kept_metrics = metrics_to_keep(args.out_dir, resume_from)
     init = load_model(args.init_from) if args.init_from else None
     data, model = build(args, recipe, init)
     if init is not None and not resume_from:  # a resumed run's optimiser state brings its rate back
         model.hparams.lr = fine_tuning_lr(model, data, recipe, cuda)
     trainer, best, slurm = make_trainer(args, recipe, cuda)
-    if trainer.is_global_zero:
-        os.makedirs(args.out_dir, exist_ok=True)
-        atomic_write(os.path.join(args.out_dir, "recipe.yaml"),
-                     lambda tmp: open(tmp, "w").write(recipe_yaml(recipe)), ".yaml.tmp")
-    metrics_file = os.path.join(args.out_dir, "metrics.csv")
-    if resume_from and os.path.isfile(metrics_file):
-        restore_metrics(trainer.logger, metrics_file, completed_epochs(load_checkpoint(resume_from)))
-    fit(trainer, model, data, resume_from, own_sigterm=not slurm and trainer.world_size == 1)
-    if trainer.is_global_zero:
-        print(f"best val_instance_dice: {best.best_model_score}; checkpoints in {best.dirpath}")
-        if args.export_to and best.best_model_path:
-            export_weights(best.best_model_path, args.export_to)
-            print(f"wrote {args.export_to} ({os.path.getsize(args.export_to) / 2 ** 20:.1f} MiB)")
+    with contextlib.ExitStack() as held:
+        if trainer.is_global_zero:  # one run per folder; the other DDP processes are this run's own
+            held.enter_context(lock_folder(args.out_dir, "train.py"))
+            atomic_write(os.path.join(args.out_dir, "recipe.yaml"),
+                         lambda tmp: open(tmp, "w").write(recipe_yaml(recipe)), ".yaml.tmp")
+        restore_metrics(trainer.logger, kept_metrics)
+        fit(trainer, model, data, resume_from, own_sigterm=not slurm and trainer.world_size == 1)
+        if trainer.is_global_zero:
+            report(args, best)
     return best
+
+
+def report(args, best):
+    print(f"best val_instance_dice: {best.best_model_score}; checkpoints in {best.dirpath}")
+    if args.export_to and best.best_model_path:
+        export_weights(best.best_model_path, args.export_to)
+        print(f"wrote {args.export_to} ({os.path.getsize(args.export_to) / 2 ** 20:.1f} MiB)")
 
 
 def fit(trainer: L.Trainer, model: UNet, data: CellDataModule, resume_from: str | None, own_sigterm: bool):
