@@ -299,3 +299,12 @@ def test_import_sequence_reads_movie_files_and_refuses_rgb_and_duplicate_numbers
     with pytest.raises(DataError, match=r"frames: img_01.tif and img_1.tif both are frame 1; rename one"):
         import_sequence(str(tmp_path / "frames"), str(tmp_path / "data"), "c")
     assert sorted(os.listdir(tmp_path / "data")) == ["a"]
+
+
+def test_the_doctests_of_the_movie_modules_hold():
+    import doctest
+
+    import track
+    for module in (movie_io, cell_table, track):
+        result = doctest.testmod(module)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
