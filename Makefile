@@ -15,7 +15,7 @@ DEMO_EPOCHS ?= 8
 REAL_TRPL ?= ../shared/real/trpL
 PICTURES ?= $(DEMO_RUN)/pictures
 
-.PHONY: demo test test-fast install install-test readme-imgs pretrained clean
+.PHONY: demo test test-fast install install-test extras readme-imgs pretrained clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,19 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 install: $(VENV)/.installed
 install-test: $(VENV)/.installed-test
+
+# optional extras: microscope formats (bioio: ND2, CZI, LIF) and the napari viewer; as root also Xvfb and the X
+# libraries Qt's xcb plugin needs, so that tests/test_view.py runs on a machine without a display (make test runs it
+# where the extras are installed and skips it with the reason elsewhere)
+extras: $(VENV)/.installed-extras
+$(VENV)/.installed-extras: $(VENV)/.installed-test requirements-movie.txt requirements-view.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check -c requirements.txt -r requirements-movie.txt \
+		-r requirements-view.txt
+	if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && apt-get install -y -qq xvfb libxcb-icccm4 libxcb-keysyms1 libxcb-xinerama0 \
+			libxcb-image0 libxcb-render-util0 libxkbcommon-x11-0 libgl1 libegl1 >/dev/null; \
+	else echo "not root or no apt-get: install xvfb and the X libraries of requirements-view.txt by hand"; fi
+	touch $@
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
@@ -60,6 +73,11 @@ demo: $(VENV)/.installed
 		$(PY) pictures.py overlay --root_dir $(DEMO_DATA)_real --pred_dir $(DEMO_PRED)_real --seqs trpL --frames 2 \
 			--native --out_dir $(PICTURES); \
 	else echo "real sample or bundled model absent: skipped the bundled model on real frames"; fi
+	@# your own movie, end to end (docs/your_movie.md), where the real sample of ../shared is at hand
+	if [ -f $(REAL_TRPL)/trpL_150310-11_img.tif ] && [ -f models/bacteria_generalist.pt ]; then \
+		$(PY) segment.py $(REAL_TRPL)/trpL_150310-11_img.tif --out $(DEMO_RUN)/movie_trpL --overwrite \
+			--gt $(REAL_TRPL)/trpL_150310-11_mask.tif; \
+	else echo "real sample or bundled model absent: skipped segment.py on the trpL movie"; fi
 
 # The bundled generalist model for rod-shaped bacteria (models/bacteria_generalist.pt): the patch recipe on 26
 # domain-randomised simulated sequences (simulate.py --randomise: phase contrast and brightfield, cells 6-20 px wide,

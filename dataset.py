@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 from augment import IGNORE, foreground_pixels, random_patch
 from border_core import SCORE_SIZE, border_core_targets, contact_pixels, resize_nearest
 from data_files import DataError, Frame, compact_labels, list_frames, read_mask, read_tiff_2d, rescale
-from scale import median_cell_width, training_scales
+from scale import median_cell_width, representable_width, training_scales
 from views import Resized, Tiled
 
 
@@ -162,6 +162,11 @@ def training_sets(train_frames: list[Frame], val_frames: list[Frame], recipe, mo
     if not np.isfinite([widths[f.sequence] for f in train_frames]).any():
         raise DataError(f"{train_frames[0].mask_path}: the training masks hold no cell")
     validation_only = {f.sequence for f in val_frames} - {f.sequence for f in train_frames}
+    if model_cell_width is None and inherited_cell_width is None and recipe.min_ceiling:
+        # from scratch: the narrowest scale at which the representation holds the training cells (a sample of frames)
+        sample = [labels for _, _, labels in train[::max(1, len(train) // 8)]]
+        width, _ = representable_width(sample, float(np.nanmedian(list(widths.values()))), recipe.min_ceiling)
+        model_cell_width = width if width > np.nanmedian(list(widths.values())) else None
     cell_width, scales = training_scales(widths, model_cell_width, inherited_cell_width, validation_only)
     train_set = ScaledFrames(train, scales, recipe.intensity, recipe.patch_size, recipe.patches_per_epoch,
                              recipe.augment, turn=recipe.turn, photometric=recipe.photometric,

@@ -6,10 +6,15 @@ width are taken as they are: resampling them for a small mismatch costs more tha
 
     median_cell_width(masks)               the cells' width in some label images
     frame_scale(model_width, cells_width)  the factor a frame is resampled by (1 within the tolerance)
+    representable_width(masks)             the narrowest width at which the border-core representation holds the cells
     training_scales(widths, ...)           each training and validation sequence's factor, and the model's width
 """
 import numpy as np
 from scipy import ndimage
+
+from border_core import border_core_targets, instances_from_border_core
+from data_files import rescale
+from metrics import instance_dice
 
 SCALE_TOLERANCE = (0.8, 1.25)
 
@@ -81,3 +86,38 @@ def training_scales(widths: dict, requested: float | None = None, inherited: flo
         scale = target / width if target and width > 0 else 1.0
         scales[sequence] = 1.0 if sequence in validation_only and within_tolerance(scale) else float(scale)
     return float(target or data_width), scales
+
+
+# Upscalings tried by representable_width, smallest first: the border (4 px) and the small-core threshold (30 px) are
+# fixed in the model's pixels, so narrow cells lose their cores at their own scale and keep them when enlarged.
+UPSCALINGS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0)
+
+
+def representation_ceiling(masks, scale: float = 1.0) -> float:
+    """Mean Instance Dice of ground truth passed through border-core targets and postprocessing at `scale`: what a
+    perfect model scores there.
+
+    >>> rods = np.zeros((30, 60), np.int32); rods[8:14, 5:55] = 1; rods[14:20, 5:55] = 2  # touching, 6 px wide
+    >>> representation_ceiling([rods]), representation_ceiling([rods], 2.0)   # at 1x no core: one merged cell
+    (0.3333333333333333, 1.0)
+    """
+    scores = []
+    for mask in masks:
+        scaled = rescale(np.asarray(mask), scale, order=0).astype(np.int64)
+        scores.append(instance_dice(scaled, instances_from_border_core(border_core_targets(scaled)).astype(np.int64)))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def representable_width(masks, width: float, floor: float = 0.97, tolerance: float = 0.005) -> tuple[float, dict]:
+    """(the model's cell width, {upscaling: ceiling}) for cells `width` px wide in `masks`: the smallest upscaling
+    (UPSCALINGS) whose representation ceiling reaches `floor`, or, where none does (cells the representation cannot
+    hold at any scale, such as labels split into pieces), the smallest within `tolerance` of the best. Upscaling
+    costs pixels, so frames keep their own scale wherever it already holds the cells."""
+    masks = list(masks)
+    ceilings = {}
+    for factor in UPSCALINGS:
+        ceilings[factor] = representation_ceiling(masks, factor)
+        if ceilings[factor] >= floor:
+            return width * factor, ceilings
+    best = max(ceilings.values())
+    return width * next(f for f in UPSCALINGS if ceilings[f] >= best - tolerance), ceilings

@@ -53,10 +53,12 @@ def exit_message(main, argv) -> str:
 
 
 def tree(folder) -> dict:
-    """Every file under a folder (hidden ones too) with its bytes."""
+    """Every file under a folder (hidden ones too, but the writer's lock file, folder_lock.py) with its bytes."""
     files = {}
     for base, _, names in os.walk(folder):
         for name in names:
+            if name == ".lock" and base == str(folder):
+                continue
             path = os.path.join(base, name)
             with open(path, "rb") as file:
                 files[os.path.relpath(path, folder)] = file.read()

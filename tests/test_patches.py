@@ -469,3 +469,38 @@ def test_scale_each_frame_rescales_every_frame_to_the_model(tmp_path):
     for t, mask in enumerate(masks):
         predicted = tifffile.imread(tmp_path / "pred" / "a" / f"mask{t:04d}.tif")
         assert instance_dice(mask, predicted) > 0.9
+
+
+def thin_rods_in_chains(width: int = 6, length: int = 30, rows: int = 5, per_row: int = 4) -> np.ndarray:
+    """Rods `width` px wide touching end to end in chains, chains touching side by side: a packed colony of thin
+    cells, where the border (4 px) eats the cores at the frames' own scale."""
+    mask = np.zeros((rows * width + 10, per_row * length + 10), np.int32)
+    for r in range(rows):
+        for k in range(per_row):
+            mask[5 + r * width:5 + (r + 1) * width, 5 + k * length:5 + (k + 1) * length] = 1 + r * per_row + k
+    return mask
+
+
+def test_the_default_scale_holds_thin_rods_in_chains():
+    from scale import representable_width, representation_ceiling
+    mask = thin_rods_in_chains()
+    width = median_cell_width([mask])
+    assert width == pytest.approx(6, abs=1)
+    assert representation_ceiling([mask]) < 0.5  # at their own scale the cells merge
+    model_width, ceilings = representable_width([mask], width, floor=0.97)
+    assert model_width > width and representation_ceiling([mask], model_width / width) >= 0.97
+    assert ceilings[model_width / width] >= 0.97 and all(c < 0.97 for f, c in ceilings.items() if f < model_width / width)
+    # cells it already holds keep their own scale
+    wide = thin_rods_in_chains(width=16, length=60)
+    assert representable_width([wide], median_cell_width([wide]))[0] == median_cell_width([wide])
+
+
+def test_training_from_scratch_enlarges_frames_of_thin_cells(tmp_path):
+    mask = thin_rods_in_chains()
+    image = np.where(mask > 0, 60, 200).astype(np.uint8)
+    write_sequence(str(tmp_path), "a", [(image, mask)])
+    frames = list_frames(str(tmp_path), "a", True)
+    train_set, _, cell_width = training_sets(frames, frames, load_recipe(DEFAULT_RECIPE))
+    assert cell_width > median_cell_width([mask]) * 1.2 and train_set.scales["a"] > 1.2
+    _, _, own = training_sets(frames, frames, load_recipe(DEFAULT_RECIPE, ["min_ceiling=0"]))
+    assert own == median_cell_width([mask])
