@@ -51,14 +51,14 @@ test-fast: $(VENV)/.installed-test
 
 demo: $(VENV)/.installed
 	rm -rf $(DEMO_DATA) $(DEMO_RUN) $(DEMO_PRED)
-	$(PY) simulate.py --out_dir $(DEMO_DATA) --sequences 5 --frames 40 --size 192 --seed 0
+	$(PY) simulate.py --root_dir $(DEMO_DATA) --num_sequences 5 --num_frames 40 --size 192 --seed 0
 	$(PY) train.py --root_dir $(DEMO_DATA) --out_dir $(DEMO_RUN) --num_epochs $(DEMO_EPOCHS) --batch_size 8 \
 		--set patch_size=128 --set tile_size=192 --set patches_per_epoch=128
-	$(PY) inference.py --root_dir $(DEMO_DATA) --split val --from_checkpoint $(DEMO_RUN)/checkpoints/best.ckpt \
+	$(PY) inference.py --root_dir $(DEMO_DATA) --split val --model $(DEMO_RUN)/checkpoints/best.ckpt \
 		--pred_dir $(DEMO_PRED)
 	$(PY) eval.py --pred_dir $(DEMO_PRED) --root_dir $(DEMO_DATA)
-	$(PY) pictures.py sample --root_dir $(DEMO_DATA) --seq c --frame 39 --out_dir $(PICTURES)
-	$(PY) pictures.py overlay --root_dir $(DEMO_DATA) --pred_dir $(DEMO_PRED) --seq c --frames 20,39 \
+	$(PY) pictures.py sample --root_dir $(DEMO_DATA) --seqs c --frames 39 --out_dir $(PICTURES)
+	$(PY) pictures.py overlay --root_dir $(DEMO_DATA) --pred_dir $(DEMO_PRED) --seqs c --frames 20,39 \
 		--out_dir $(PICTURES)
 	$(PY) pictures.py curves --metrics $(DEMO_RUN)/metrics.csv --out $(PICTURES)/curves.png
 	$(PY) track.py --labels $(DEMO_PRED)/c --out_dir $(DEMO_RUN)/track/c_RES --out_size 192 192
@@ -89,8 +89,8 @@ GENERALIST_RUN ?= runs/generalist
 GENERALIST_EPOCHS ?= 15
 pretrained: $(VENV)/.installed
 	rm -rf $(GENERALIST_DATA) $(GENERALIST_RUN)
-	$(PY) simulate.py --out_dir $(GENERALIST_DATA) --randomise --sequences 26 --without_gt 0 --frames 24 --size 256 \
-		--seed 7
+	$(PY) simulate.py --root_dir $(GENERALIST_DATA) --randomise --num_sequences 26 --without_gt 0 --num_frames 24 \
+		--size 256 --seed 7
 	$(PY) train.py --root_dir $(GENERALIST_DATA) --train_seqs a,b,c,d,e,f,g,h,i,j,k,l,m,n,o,p,q,r,s,t,u,v,w,x,y \
 		--val_seqs z --out_dir $(GENERALIST_RUN) --model_cell_width 16 --set patch_size=128 --set tile_size=256 \
 		--set patches_per_epoch=256 --batch_size 8 --num_epochs $(GENERALIST_EPOCHS) \

@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import simulate
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
+from cli_types import Renamed
 from data_files import list_frames, read_mask, read_tiff_2d, write_sequence
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
@@ -253,11 +254,11 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
     parser.add_argument("--seq", default="c", help="sequence with GT to take frames from")
-    parser.add_argument("--num_frames", "--frames", dest="num_frames", type=int, default=16, help="frames per stage")
+    parser.add_argument("--num_frames", "--frames", dest="num_frames", action=Renamed, type=int, default=16, help="frames per stage")
     parser.add_argument("--size", type=int, default=512, help="frame size of the simulated colony")
     parser.add_argument("--input_size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", "--workers", dest="num_workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", "--workers", dest="num_workers", action=Renamed, type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default="benchmark.json")
     parser.add_argument("--seed", type=int, default=0)

@@ -57,11 +57,11 @@ $PY train.py "${common[@]}" --config recipes/patches.yaml --num_epochs "$PATCH_E
   tee "$OUT/patches.log"
 FAITHFUL_MODEL=${FAITHFUL_MODEL:-$OUT/faithful/checkpoints/best.ckpt}
 PATCH_MODEL=${PATCH_MODEL:-$OUT/patches/checkpoints/best.ckpt}
-$PY inference.py --root_dir "$WORK/data" --seqs infer --from_checkpoint "$FAITHFUL_MODEL" \
+$PY inference.py --root_dir "$WORK/data" --seqs infer --model "$FAITHFUL_MODEL" \
   --pred_dir "$WORK/pred_faithful" 2>&1 | tee "$OUT/infer_faithful.log"
-$PY inference.py --root_dir "$WORK/data" --seqs infer --from_checkpoint "$PATCH_MODEL" \
+$PY inference.py --root_dir "$WORK/data" --seqs infer --model "$PATCH_MODEL" \
   --pred_dir "$WORK/pred_patches" --cell_width "$CELL_WIDTH" 2>&1 | tee "$OUT/infer_patches.log"
-$PY inference.py --root_dir "$WORK/data" --seqs infer --from_checkpoint "$PATCH_MODEL" \
+$PY inference.py --root_dir "$WORK/data" --seqs infer --model "$PATCH_MODEL" \
   --pred_dir "$WORK/pred_native" --cell_width "$CELL_WIDTH" --native 2>&1 | tee "$OUT/infer_native.log"
 
 FRAMES=$(ls "$WORK/data/train" | wc -l)

@@ -8,6 +8,7 @@ flag and the value, before anything is read or written.
 """
 import argparse
 import math
+import sys
 
 
 def _int(text: str) -> int:
@@ -94,3 +95,13 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if "default" in text or action.default in (None, False, argparse.SUPPRESS):
             return text
         return f"{text} (default: %(default)s)"
+
+
+class Renamed(argparse.Action):
+    """Stores the value as argparse's default action does; an old spelling of the flag (any of its option strings
+    but the first) still works for one release and prints a deprecation line naming the new one."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string and option_string != self.option_strings[0]:
+            print(f"note: {option_string} is deprecated, use {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from border_core import SCORE_SIZE, resize_nearest
-from cli_types import HelpFormatter, positive_int
+from cli_types import HelpFormatter, Renamed, positive_int
 from data_files import (MASK_PATTERN, NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN,
                         RESULT_TRACK_FILE, TRACK_FILE, DataError, atomic_write, check_labels, compact_labels,
                         error_line, mask_dir, numbered_files, prediction_path, read_mask, read_prediction,
@@ -172,7 +172,7 @@ def write_csv_atomically(table: pd.DataFrame, path: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--pred_dir", default=None, help="folder with <seq>/t<frame>_256.tif predictions")
-    parser.add_argument("--root_dir", "--gt_dir", dest="root_dir", default=None,
+    parser.add_argument("--root_dir", "--gt_dir", dest="root_dir", action=Renamed, default=None,
                         help="data root with ground truth, challenge or CTC layout (--gt_dir: the baseline's spelling)")
     parser.add_argument("--seqs", default=None,
                         help="comma-separated sequences to score (default: every sequence folder of pred_dir with GT)")

@@ -1,8 +1,8 @@
 """Predict instance masks with a trained checkpoint.
 
-    python inference.py --root_dir data --from_checkpoint runs/default/checkpoints/best.ckpt --pred_dir pred
-    python inference.py --root_dir data --split val --from_checkpoint ... --pred_dir pred   # sequence c, for eval.py
-    python inference.py --root_dir data --seqs c,d --from_checkpoint ... --pred_dir pred
+    python inference.py --root_dir data --model runs/default/checkpoints/best.ckpt --pred_dir pred
+    python inference.py --root_dir data --split val --model ... --pred_dir pred   # sequence c, for eval.py
+    python inference.py --root_dir data --seqs c,d --model ... --pred_dir pred
 
 Writes pred_dir/<seq>/<image name>_256.tif (e.g. pred/d/t0000_256.tif): the instance map at 256 x 256, resized by
 nearest neighbour, in the narrowest unsigned dtype that holds the frame's labels. Each file is written to a temporary
@@ -23,7 +23,7 @@ import data_files
 from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest_exact
 from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, default_sequences, error_line,
                         frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
-from cli_types import HelpFormatter, non_negative_int, positive_float, positive_int
+from cli_types import HelpFormatter, Renamed, non_negative_int, positive_float, positive_int
 from dataset import UnlabelledFrames
 from folder_lock import lock_folder
 from energy import EnergyMeter
@@ -238,7 +238,7 @@ def main(argv=None):
     parser.add_argument("--split", default="test", choices=["train", "val", "test"],
                         help="sequences by role: test = d,e (04,05 in CTC layout), val = c (03), train = a,b (01,02)")
     parser.add_argument("--seqs", default=None, help="comma-separated sequence names (overrides --split)")
-    parser.add_argument("--from_checkpoint", default=BUNDLED_MODEL,
+    parser.add_argument("--model", "--from_checkpoint", dest="from_checkpoint", action=Renamed, default=BUNDLED_MODEL,
                         help="a .ckpt written by train.py (default: the bundled generalist model for rod-shaped "
                              "bacteria, models/bacteria_generalist.pt)")
     parser.add_argument("--pred_dir", default="pred")
@@ -270,7 +270,7 @@ def main(argv=None):
         parser.error("--scale_each_frame estimates the cells' width: it cannot be given with --cell_width")
 
     if not os.path.isfile(args.from_checkpoint):
-        sys.exit(f"error: {args.from_checkpoint}: checkpoint not found (without --from_checkpoint the bundled model "
+        sys.exit(f"error: {args.from_checkpoint}: checkpoint not found (without --model the bundled model "
                  f"{os.path.relpath(BUNDLED_MODEL)} is used)")
     try:
         # on the CPU: the pool below must fork before CUDA is initialised; the model moves to the device when it runs

@@ -27,5 +27,5 @@ REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "$0")" && pwd)}}
 source "$REPO/job_setup.sh" inference.sh "$@"  # paths, venv, -r warning, environment; leaves the arguments in args
 CHECKPOINT=${CHECKPOINT:-$RUN_DIR/checkpoints/best.ckpt}
 SPLIT=${SPLIT:-val}
-python "$REPO/inference.py" --root_dir "$DATA" --split "$SPLIT" --from_checkpoint "$CHECKPOINT" \
+python "$REPO/inference.py" --root_dir "$DATA" --split "$SPLIT" --model "$CHECKPOINT" \
   --pred_dir "$PRED_DIR" "${args[@]}"

@@ -30,7 +30,7 @@ from skimage.segmentation import find_boundaries
 from skimage.transform import resize
 
 from border_core import resize_nearest
-from cli_types import HelpFormatter, int_list, non_negative_int, positive_int
+from cli_types import HelpFormatter, Renamed, int_list, non_negative_int, positive_int
 from data_files import (RESULT_MASK_PATTERN, RESULT_TRACK_FILE, DataError, atomic_write, check_regular_file,
                         compact_labels, error_line, list_frames, mask_dir, numbered_files, prediction_path, read_mask,
                         read_prediction, read_tiff_2d, read_tracks, to_uint8_range)
@@ -248,13 +248,13 @@ def main(argv=None):
     defaults = {"formatter_class": HelpFormatter}
     sample = commands.add_parser("sample", help="img.png and mask.png of one GT frame", **defaults)
     sample.add_argument("--root_dir", required=True, help="data root")
-    sample.add_argument("--seqs", "--seq", dest="seq", default="c", help="the sequence")
+    sample.add_argument("--seqs", "--seq", dest="seq", action=Renamed, default="c", help="the sequence")
     sample.add_argument("--frames", "--frame", dest="frame", type=non_negative_int, default=0, help="the frame number")
     sample.add_argument("--out_dir", default="readme_imgs", help="folder of the pictures")
     over = commands.add_parser("overlay", help="predicted (yellow) and GT (cyan) outlines over the image", **defaults)
     over.add_argument("--root_dir", required=True, help="data root")
     over.add_argument("--pred_dir", required=True, help="inference.py's prediction folder")
-    over.add_argument("--seqs", "--seq", dest="seq", default="c", help="the sequence")
+    over.add_argument("--seqs", "--seq", dest="seq", action=Renamed, default="c", help="the sequence")
     over.add_argument("--frames", type=int_list, default="0", help="comma-separated frame numbers")
     over.add_argument("--native", action="store_true", help="the native-size predictions <seq>/mask<frame>.tif")
     over.add_argument("--out_dir", default="readme_imgs", help="folder of the pictures")

@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from cli_types import HelpFormatter, non_negative_int, positive_int
+from cli_types import HelpFormatter, Renamed, non_negative_int, positive_int
 from data_files import MAX_PIXELS, DataError, ctc_digits, error_line, write_ctc_sequence, write_sequence
 
 CELL_RADIUS = 6.0  # px: cells 12 px wide, like C. glutamicum at 0.072 µm/px
@@ -646,14 +646,14 @@ def describe(info: dict) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root_dir", "--out_dir", dest="out_dir", default="demo_data", help="data root to write")
-    parser.add_argument("--num_sequences", "--sequences", dest="sequences", type=positive_int, default=5,
+    parser.add_argument("--num_sequences", "--sequences", dest="sequences", action=Renamed, type=positive_int, default=5,
                         help="number of sequences, named a, b, c, ..., z, aa, ab, ... (01, 02, ... in the CTC layout)")
     parser.add_argument("--layout", choices=["challenge", "ctc"], default="challenge",
                         help="challenge: a/t0000.tif, a_GT/man_seg0000.tif; ctc: 01/t000.tif, 01_GT/SEG/man_seg000.tif "
                              "and tracking GT 01_GT/TRA/man_track000.tif, man_track.txt")
     parser.add_argument("--without_gt", type=non_negative_int, default=2,
                         help="the last this many sequences get no GT (test)")
-    parser.add_argument("--num_frames", "--frames", dest="frames", type=positive_int, default=100,
+    parser.add_argument("--num_frames", "--frames", dest="frames", action=Renamed, type=positive_int, default=100,
                         help="frames per sequence")
     parser.add_argument("--size", type=positive_int, nargs="+", default=[256], help="frame size: S (square) or H W")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="sequence k is simulated from seed * 1000 + k")

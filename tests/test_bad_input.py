@@ -158,7 +158,7 @@ def test_planted_checkpoint_in_a_run_folder_as_a_user_meets_it(data, planted, tm
 def test_planted_checkpoint_never_runs_in_inference(data, planted, tmp_path):
     write, marker = planted
     path = write(tmp_path / "model.ckpt")
-    result = run("inference.py", "--root_dir", data, "--from_checkpoint", path, "--pred_dir", tmp_path / "pred")
+    result = run("inference.py", "--root_dir", data, "--model", path, "--pred_dir", tmp_path / "pred")
     assert_one_error_line(result, refused(path))
     assert not marker.exists() and not (tmp_path / "pred").exists()
 
@@ -221,7 +221,7 @@ def test_broken_checkpoints_give_one_line_naming_the_file(data, checkpoint, tmp_
     import inference
 
     for name, (path, reason) in broken_checkpoints(tmp_path, checkpoint, data).items():
-        message = exit_message(inference.main, ["--root_dir", data, "--from_checkpoint", path,
+        message = exit_message(inference.main, ["--root_dir", data, "--model", path,
                                                 "--pred_dir", tmp_path / "pred", "--postprocess_workers", 0])
         assert re.fullmatch(rf"error: {re.escape(str(path))}: not a checkpoint of this project \({reason}\)",
                             message), (name, message)
@@ -232,7 +232,7 @@ def test_broken_checkpoints_give_one_line_naming_the_file(data, checkpoint, tmp_
 def test_broken_checkpoint_as_a_user_meets_it(data, checkpoint, tmp_path):
     truncated = tmp_path / "truncated.ckpt"
     truncated.write_bytes(checkpoint.read_bytes()[:100000])
-    assert_one_error_line(run("inference.py", "--root_dir", data, "--from_checkpoint", truncated, "--pred_dir",
+    assert_one_error_line(run("inference.py", "--root_dir", data, "--model", truncated, "--pred_dir",
                               tmp_path / "pred"),
                           rf"error: {re.escape(str(truncated))}: not a checkpoint of this project "
                           r"\(truncated or corrupt archive\)")
@@ -291,9 +291,9 @@ def test_wide_labels_in_eval_and_pictures(tmp_path):
     import eval as evaluation
     import pictures
 
-    assert evaluation.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", root]) == 1.0
+    assert evaluation.main(["--pred_dir", str(tmp_path / "pred"), "--root_dir", root]) == 1.0
     assert list(pd.read_csv(tmp_path / "pred" / "instance_dice.csv")["gt_count"]) == [6, 6, 6, 6]
-    pictures.main(["overlay", "--root_dir", root, "--pred_dir", str(tmp_path / "pred"), "--seq", "c",
+    pictures.main(["overlay", "--root_dir", root, "--pred_dir", str(tmp_path / "pred"), "--seqs", "c",
                    "--frames", "0,3", "--out_dir", str(tmp_path / "pictures")])
     assert sorted(os.listdir(tmp_path / "pictures")) == ["overlay_c_t0000.png", "overlay_c_t0003.png"]
 
@@ -337,7 +337,7 @@ def test_disk_full_while_writing_predictions(data, checkpoint, tmp_path, monkeyp
     import inference
 
     monkeypatch.setattr(tifffile, "imwrite", disk_full)
-    message = exit_message(inference.main, ["--root_dir", data, "--seqs", "c", "--from_checkpoint", checkpoint,
+    message = exit_message(inference.main, ["--root_dir", data, "--seqs", "c", "--model", checkpoint,
                                             "--pred_dir", tmp_path / "pred", "--num_workers", 0,
                                             "--postprocess_workers", postprocess_workers])
     assert re.fullmatch(disk_full_line(tmp_path / "pred"), message), message
@@ -346,7 +346,7 @@ def test_disk_full_while_writing_predictions(data, checkpoint, tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_disk_full_as_a_user_meets_it(data, checkpoint, tmp_path):
-    result = subprocess.run([sys.executable, "-c", DISK_FULL, "--root_dir", data, "--seqs", "c", "--from_checkpoint",
+    result = subprocess.run([sys.executable, "-c", DISK_FULL, "--root_dir", data, "--seqs", "c", "--model",
                              str(checkpoint), "--pred_dir", str(tmp_path / "pred"), "--num_workers", "0",
                              "--postprocess_workers", "2"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert_one_error_line(result, disk_full_line(tmp_path / "pred"))
@@ -369,7 +369,7 @@ def test_stale_predictions_are_refused_and_overwrite_clears_them(data, checkpoin
     before = tree(tmp_path / "pred")
     import inference
 
-    args = ["--root_dir", data, "--seqs", "c,d", "--from_checkpoint", checkpoint, "--pred_dir", tmp_path / "pred",
+    args = ["--root_dir", data, "--seqs", "c,d", "--model", checkpoint, "--pred_dir", tmp_path / "pred",
             "--num_workers", 0, "--postprocess_workers", 0]
     assert exit_message(inference.main, args) == (
         f"error: {folder}: holds 4 prediction(s) of frames this run does not predict (t0006_256.tif, t0007_256.tif, "
@@ -392,9 +392,9 @@ def test_written_files_get_the_umask_mode(data, checkpoint, tmp_path, umask, mod
     pred = tmp_path / "pred"
     previous = os.umask(umask)
     try:  # the pool's processes fork from here and inherit the umask, as they do from the script
-        inference.main(["--root_dir", data, "--seqs", "c", "--from_checkpoint", str(checkpoint), "--pred_dir",
+        inference.main(["--root_dir", data, "--seqs", "c", "--model", str(checkpoint), "--pred_dir",
                         str(pred), "--num_workers", "0", "--postprocess_workers", "2"])
-        evaluation.main(["--pred_dir", str(pred), "--gt_dir", data])
+        evaluation.main(["--pred_dir", str(pred), "--root_dir", data])
     finally:
         os.umask(previous)
     files = [os.path.join(pred, "c", name) for name in os.listdir(pred / "c")] + [str(pred / "instance_dice.csv")]
@@ -447,7 +447,7 @@ def test_overlay_of_an_absent_frame_writes_nothing(data, tmp_path):
 
     (tmp_path / "pred" / "c").mkdir(parents=True)
     tifffile.imwrite(tmp_path / "pred" / "c" / "t0000_256.tif", np.zeros((256, 256), np.uint8))
-    argv = ["overlay", "--root_dir", data, "--pred_dir", tmp_path / "pred", "--seq", "c", "--out_dir",
+    argv = ["overlay", "--root_dir", data, "--pred_dir", tmp_path / "pred", "--seqs", "c", "--out_dir",
             tmp_path / "pictures"]
     absent = f"error: {os.path.join(data, 'c')}: no frame 99 (frames 0..3)"
     unpredicted = f"error: {tmp_path / 'pred' / 'c' / 't0001_256.tif'}: prediction of frame 1 not found"
@@ -460,7 +460,7 @@ def test_overlay_of_an_absent_frame_writes_nothing(data, tmp_path):
 def test_overlay_of_an_absent_frame_as_a_user_meets_it(data, tmp_path):
     (tmp_path / "pred" / "c").mkdir(parents=True)
     tifffile.imwrite(tmp_path / "pred" / "c" / "t0000_256.tif", np.zeros((256, 256), np.uint8))
-    result = run("pictures.py", "overlay", "--root_dir", data, "--pred_dir", tmp_path / "pred", "--seq", "c",
+    result = run("pictures.py", "overlay", "--root_dir", data, "--pred_dir", tmp_path / "pred", "--seqs", "c",
                  "--frames", "0,99", "--out_dir", tmp_path / "pictures")
     assert_one_error_line(result, rf"error: {re.escape(os.path.join(data, 'c'))}: no frame 99 \(frames 0\.\.3\)")
     assert not (tmp_path / "pictures").exists()
@@ -585,7 +585,7 @@ def test_a_bad_frame_read_in_a_loader_worker_during_inference(data, checkpoint, 
         tifffile.imwrite(root / "d" / f"t{t:04d}.tif", np.zeros((40, 50), np.uint8))
     with open(root / "d" / "t0002.tif", "r+b") as file:
         file.truncate(40)
-    message = exit_message(inference.main, ["--root_dir", root, "--seqs", "d", "--from_checkpoint", checkpoint,
+    message = exit_message(inference.main, ["--root_dir", root, "--seqs", "d", "--model", checkpoint,
                                             "--pred_dir", tmp_path / "pred", "--num_workers", 2, "--batch_size", 1,
                                             "--postprocess_workers", 0])
     assert re.fullmatch(rf"error: {re.escape(str(root / 'd' / 't0002.tif'))}: unreadable TIFF \(.+\)", message), message
@@ -599,7 +599,7 @@ def test_frames_with_gaps_stop_inference_and_import_with_one_line(data, checkpoi
     (root / "d").mkdir(parents=True)
     tifffile.imwrite(root / "d" / "t0000.tif", np.ones((40, 50), np.float32))
     tifffile.imwrite(root / "d" / "t0001.tif", np.full((40, 50), np.nan, np.float32))
-    message = exit_message(inference.main, ["--root_dir", root, "--seqs", "d", "--from_checkpoint", checkpoint,
+    message = exit_message(inference.main, ["--root_dir", root, "--seqs", "d", "--model", checkpoint,
                                             "--pred_dir", tmp_path / "pred"])
     assert message == f"error: {root / 'd' / 't0001.tif'}: 2000 pixel(s) are NaN or infinite", message
     # frames are read lazily (case 9's last paragraph): at most the sound frame's prediction is left, whole

@@ -119,9 +119,9 @@ def test_cli_types_take_good_values_and_refuse_bad_ones():
     (["--size", "1", "2", "3"], "argument --size: one size S or two sizes H W, got 3 values"),
     (["--size", "100000"], "argument --size: 100000 x 100000 is more than 268435456 pixels a frame, more than the "
                            "scripts read"),
-    (["--frames", "0"], "argument --num_frames/--frames: expected an integer of at least 1, got '0'"),
-    (["--sequences", "-1"], "argument --num_sequences/--sequences: expected an integer of at least 1, got '-1'"),
-    (["--sequences", "2", "--without_gt", "3"], "argument --without_gt: 3 is more than the 2 sequence(s)"),
+    (["--num_frames", "0"], "argument --num_frames/--frames: expected an integer of at least 1, got '0'"),
+    (["--num_sequences", "-1"], "argument --num_sequences/--sequences: expected an integer of at least 1, got '-1'"),
+    (["--num_sequences", "2", "--without_gt", "3"], "argument --without_gt: 3 is more than the 2 sequence(s)"),
     (["--seed", "-1"], "argument --seed: expected an integer of at least 0, got '-1'"),
 ])
 def test_simulate_refuses_bad_numbers_with_a_usage_line_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -138,7 +138,7 @@ def test_simulate_names_more_than_26_sequences_like_spreadsheet_columns(tmp_path
     assert simulate.sequence_names(3) == ["a", "b", "c"]
     assert simulate.sequence_names(30)[24:] == ["y", "z", "aa", "ab", "ac", "ad"]
     assert simulate.sequence_names(703)[-2:] == ["zz", "aaa"]
-    simulate.main(["--out_dir", str(tmp_path / "sim"), "--sequences", "28", "--without_gt", "1", "--frames", "1",
+    simulate.main(["--out_dir", str(tmp_path / "sim"), "--num_sequences", "28", "--without_gt", "1", "--num_frames", "1",
                    "--size", "16"])
     folders = sorted(os.listdir(tmp_path / "sim"))
     assert len([f for f in folders if not f.endswith("_GT")]) == 28
@@ -380,8 +380,8 @@ def test_tiff_writers_on_a_full_tmpfs(small_tmpfs):
         data_files.write_tiff_atomically(str(disk / "t0000_256.tif"), np.ones((400, 400), np.uint16))
     assert error_line(error.value) == f"error: {disk / 't0000_256.tif'}: cannot write (disk full)"
     assert os.listdir(disk) == []
-    message = exit_message(simulate.main, ["--out_dir", disk / "sim", "--sequences", 1, "--without_gt", 0,
-                                           "--frames", 20, "--size", 96])
+    message = exit_message(simulate.main, ["--out_dir", disk / "sim", "--num_sequences", 1, "--without_gt", 0,
+                                           "--num_frames", 20, "--size", 96])
     assert message == f"error: {disk / 'sim' / 'a'}: cannot write the sequence (disk full)"
     assert os.listdir(disk / "sim") == []  # no sequence, no staging folder
 

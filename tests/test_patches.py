@@ -411,7 +411,7 @@ def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     assert not all(torch.equal(averaged[k], current[k]) for k in averaged)
     tuned = pd.read_csv(tmp_path / "tuned" / "metrics.csv").dropna(subset=["train_loss"])["train_loss"].iloc[0]
     assert tuned < loss[0]  # starts where the first run got to, not from scratch
-    run("inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint, "--pred_dir",
+    run("inference.py", "--root_dir", root, "--seqs", "c", "--model", checkpoint, "--pred_dir",
         tmp_path / "pred", "--native", "--num_workers", 0)
     assert sorted(os.listdir(tmp_path / "pred" / "c")) == [f"mask{t:04d}.tif" for t in range(4)] + \
         [f"t{t:04d}_256.tif" for t in range(4)]

@@ -48,7 +48,7 @@ def test_training_loss_falls_and_checkpoints_are_written(trained):
 def test_inference_then_eval(trained):
     root, out, tmp = trained
     pred = tmp / "pred"
-    inference_out = run("inference.py", "--root_dir", root, "--seqs", "c,d", "--from_checkpoint",
+    inference_out = run("inference.py", "--root_dir", root, "--seqs", "c,d", "--model",
                         out / "checkpoints" / "best.ckpt", "--pred_dir", pred, "--num_workers", 0, "--batch_size", 4)
     for seq in ("c", "d"):
         files = sorted(os.listdir(pred / seq))
@@ -136,7 +136,7 @@ def test_pooled_postprocessing_equals_inline(trained):
     root, out, tmp = trained
     checkpoint = out / "checkpoints" / "last.ckpt"
     for workers in (0, 2):
-        run("inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint, "--pred_dir",
+        run("inference.py", "--root_dir", root, "--seqs", "c", "--model", checkpoint, "--pred_dir",
             tmp / f"pred_{workers}", "--num_workers", 0, "--batch_size", 4, "--postprocess_workers", workers)
     for t in range(6):
         inline = tifffile.imread(tmp / "pred_0" / "c" / f"t{t:04d}_256.tif")

@@ -59,11 +59,11 @@ def test_real_sample_end_to_end(tmp_path):
     run("train.py", "--config", "recipes/faithful.yaml", "--root_dir", root, "--num_epochs", 1, "--batch_size", 4, "--set", "input_size=128",
         "--num_workers", 0, "--out_dir", tmp_path / "run")
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
-    run("inference.py", "--root_dir", root, "--split", "val", "--from_checkpoint",
+    run("inference.py", "--root_dir", root, "--split", "val", "--model",
         tmp_path / "run" / "checkpoints" / "last.ckpt", "--pred_dir", tmp_path / "pred", "--num_workers", 0)
     predictions = sorted(os.listdir(tmp_path / "pred" / "c"))
     assert predictions == [f"t{t:04d}_256.tif" for t in range(7)]  # the importer numbers from 0
     assert tifffile.imread(tmp_path / "pred" / "c" / predictions[0]).shape == (256, 256)
-    stdout = run("eval.py", "--pred_dir", tmp_path / "pred", "--gt_dir", root)
+    stdout = run("eval.py", "--pred_dir", tmp_path / "pred", "--root_dir", root)
     mean = float(evaluate(str(tmp_path / "pred"), root, ["c"])["score"].mean())
     assert f"Mean Instance Dice: {mean:.4f}" in stdout

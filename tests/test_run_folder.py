@@ -79,7 +79,7 @@ def test_a_second_writer_is_refused_with_its_holder(data, tmp_path, restore_sigt
                tmp_path / "model.ckpt")
     with lock_folder(str(tmp_path / "pred"), "inference.py"):
         with pytest.raises(SystemExit) as raised:
-            inference.main(["--root_dir", data, "--seqs", "c", "--from_checkpoint", str(tmp_path / "model.ckpt"),
+            inference.main(["--root_dir", data, "--seqs", "c", "--model", str(tmp_path / "model.ckpt"),
                             "--pred_dir", str(tmp_path / "pred"), "--num_workers", "0", "--postprocess_workers", "0"])
         assert "in use by inference.py" in str(raised.value)
     assert not (tmp_path / "pred" / "c").exists()
@@ -153,8 +153,8 @@ def test_inference_on_a_root_without_the_default_sequences_names_what_it_found(t
     assert str(raised.value) == f"error: {root}: no sequence d, e (the test split's default); it holds x, y: " \
                                 f"choose with --seqs, e.g. --seqs x,y"
     with pytest.raises(SystemExit) as raised:
-        inference.main(["--root_dir", root, "--seqs", "x", "--from_checkpoint", str(tmp_path / "no.ckpt")])
-    assert "checkpoint not found (without --from_checkpoint the bundled model" in str(raised.value)
+        inference.main(["--root_dir", root, "--seqs", "x", "--model", str(tmp_path / "no.ckpt")])
+    assert "checkpoint not found (without --model the bundled model" in str(raised.value)
 
 
 def test_training_masks_without_cells_are_refused_and_bool_masks_train(tmp_path, restore_sigterm):
@@ -180,7 +180,7 @@ def test_repredicting_the_same_frames_without_native_after_a_native_run(data, tm
     are removed, since they would no longer match the new predictions."""
     torch.save({"hyper_parameters": dict(UNet(input_size=32).hparams), "state_dict": UNet().state_dict()},
                tmp_path / "model.ckpt")
-    common = ["inference.py", "--root_dir", data, "--seqs", "c", "--from_checkpoint", tmp_path / "model.ckpt",
+    common = ["inference.py", "--root_dir", data, "--seqs", "c", "--model", tmp_path / "model.ckpt",
               "--pred_dir", tmp_path / "pred", "--num_workers", 0, "--postprocess_workers", 0]
     assert run(*common, "--native").returncode == 0
     assert sorted(os.listdir(tmp_path / "pred" / "c")) == [f"mask{t:04d}.tif" for t in range(3)] + \
@@ -189,3 +189,11 @@ def test_repredicting_the_same_frames_without_native_after_a_native_run(data, tm
     assert again.returncode == 0, again.stderr
     assert sorted(name for name in os.listdir(tmp_path / "pred" / "c") if name.endswith(".tif")) == \
         [f"t{t:04d}_256.tif" for t in range(3)]
+
+
+def test_an_old_flag_spelling_still_works_and_says_so(data, tmp_path, capsys):
+    import inference
+    with pytest.raises(SystemExit) as raised:
+        inference.main(["--root_dir", data, "--seqs", "c", "--from_checkpoint", str(tmp_path / "missing.ckpt")])
+    assert "note: --from_checkpoint is deprecated, use --model" in capsys.readouterr().err
+    assert str(raised.value).startswith(f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found")

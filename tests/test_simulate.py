@@ -235,8 +235,8 @@ def test_look_and_geometry_reject_unknown_kinds():
 
 
 def test_cli_writes_randomised_sequences_in_the_challenge_layout(tmp_path, capsys):
-    simulate.main(["--out_dir", str(tmp_path / "sim"), "--randomise", "--sequences", "2", "--without_gt", "0",
-                   "--frames", "3", "--size", "64", "--seed", "3"])
+    simulate.main(["--out_dir", str(tmp_path / "sim"), "--randomise", "--num_sequences", "2", "--without_gt", "0",
+                   "--num_frames", "3", "--size", "64", "--seed", "3"])
     out = capsys.readouterr().out
     assert out.count("sequence ") == 2 and "cells" in out and "px wide" in out
     for name in ("a", "b"):

@@ -324,7 +324,7 @@ def test_eval_adds_detection_columns_and_a_pooled_line_per_sequence(tmp_path, ca
         if t == 1:
             gt[gt == gt.max()] = 0  # one cell missed in frame 1
         tifffile.imwrite(pred / f"t{t:04d}_256.tif", gt)  # scored at the prediction's size: GT resized to it
-    mean = evaluation.main(["--pred_dir", str(tmp_path / "pred"), "--gt_dir", root])
+    mean = evaluation.main(["--pred_dir", str(tmp_path / "pred"), "--root_dir", root])
     table = pd.read_csv(tmp_path / "pred" / "instance_dice.csv")
     assert list(table["ap50"]) == [1.0, 5 / 6] and list(table["tp95"]) == [6, 5]  # 6 cells a frame (blob_frame)
     assert np.allclose(table["map"], [1.0, 5 / 6]) and np.allclose(table["recall50"], [1.0, 5 / 6])
