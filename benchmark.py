@@ -31,10 +31,13 @@ from data_files import list_frames, read_mask, read_tiff_2d, write_sequence
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
 from energy import EnergyMeter
-from inference import border_core_maps, pick_device, predict_sequence
+from inference import BUNDLED_MODEL, FAST_MODEL, border_core_maps, pick_device, predict_images, predict_sequence
 from metrics import instance_dice
+from postprocess_torch import instances_from_border_core_torch
 from track import link_tracks
-from unet import UNet
+from unet import UNet, load_model
+
+SHIPPED_MODELS = (BUNDLED_MODEL, FAST_MODEL)  # the full-width model first: the others' speed-up is over it
 
 
 # ------------------------------------------------------------------------------------------ straightforward versions
@@ -147,6 +150,13 @@ def postprocessing_rows(masks, device):
 
     maps = [predicted_like(m, k) for k, m in enumerate(masks)]
     fast, stage, instances = timed(device, instances_from_border_core, maps, repeat=3)
+    # the same on the model's device, the maps already there (as they come out of the model), as one batch
+    on_device = torch.from_numpy(np.stack(maps)).to(device)
+    batched, torch_stage, torch_instances = timed(device, lambda batch: instances_from_border_core_torch(batch).cpu(),
+                                                  [on_device])
+    assert all((a == b).all() for a, b in zip(instances, torch_instances[0].numpy())), "torch postprocessing differs"
+    rows.append(row(f"instances_from_border_core_torch ({device.type}, batch of {len(maps)})", batched / len(maps),
+                    torch_stage, fast, "identical output; speed-up over the numpy version"))
     try:
         from acvl_utils.instance_segmentation.instance_as_semantic_seg import convert_semantic_to_instanceseg
         from acvl_utils.instance_segmentation.instance_matching import match_instances_dice
@@ -239,6 +249,33 @@ def inference_rows(root, sequence, input_size, batch_size, device, workers):
                 f"reading, postprocessing and writing add {100 * share:.0f} % of the wall time")]
 
 
+def shipped_model_rows(images, device, paths) -> list[dict]:
+    """The shipped models on the same frames, each seeing them at its own scale (cells given as its own width, so
+    every model sees the frames' pixels as they are): the model alone (reading, tiling, forward, argmax),
+    postprocessing alone and predict_images end to end, the first model the baseline of the others' speed-up."""
+    rows, baseline = [], {}
+    for path in paths:
+        model = load_model(path)
+        name = f"{os.path.basename(path)} (widths {','.join(map(str, model.hparams.widths))})"
+        loader = DataLoader(UnlabelledFrames(images, model.view, model.hparams.intensity), batch_size=1)
+        next(border_core_maps(model, loader, device))  # warm-up
+        with Stage(device) as model_stage:
+            maps = [m for _, batch in border_core_maps(model, loader, device) for m in batch]
+        with Stage(device) as post_stage:
+            for semantic in maps:
+                model.instances(semantic)
+        with Stage(device) as end_stage:
+            predict_images(model, images, cell_width=model.hparams.cell_width, device=device)
+        n = len(images)
+        for stage_name, stage in (("model only", model_stage), ("postprocessing only", post_stage),
+                                  ("end to end (predict_images)", end_stage)):
+            per_frame = stage.seconds / n
+            rows.append(row(f"{name}: {stage_name}", per_frame, stage, baseline.get(stage_name),
+                            f"{images[0].shape[0]} x {images[0].shape[1]} frames"))
+            baseline.setdefault(stage_name, per_frame)
+    return rows
+
+
 def tracking_rows(masks, device):
     """link_tracks over the consecutive frames, 3 times; every cell of every frame must get a track."""
     with Stage(device) as stage:
@@ -279,6 +316,9 @@ def main(argv=None):
         rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
         rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
         rows += tracking_rows(masks, device)
+        shipped = [path for path in SHIPPED_MODELS if os.path.isfile(path)]
+        if shipped:
+            rows += shipped_model_rows([read_tiff_2d(f.image_path) for f in frames[:4]], device, shipped)
 
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,

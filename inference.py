@@ -31,7 +31,9 @@ from scale import frame_scale, median_cell_width
 from unet import UNet, load_model
 
 
-BUNDLED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models", "bacteria_generalist.pt")
+MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
+BUNDLED_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist.pt")
+FAST_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist_fast.pt")  # half the widths: for CPUs
 
 
 def pick_device(device: str = "auto") -> torch.device:

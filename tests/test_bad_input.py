@@ -621,6 +621,7 @@ def test_frames_with_gaps_stop_inference_and_import_with_one_line(data, checkpoi
     assert not (tmp_path / "new" / "a").exists()
 
 
+@pytest.mark.slow
 def test_fine_tuning_keeps_the_starting_models_widths(data, checkpoint, tmp_path, restore_sigterm, capsys):
     import train
 

@@ -1,6 +1,7 @@
 """benchmark.py runs end to end on a small simulated colony and reports every row (its own asserts check that each
 fast path gives the output of its straightforward version). Timings are not tested: they are the script's output."""
 import json
+import os
 
 import pytest
 
@@ -10,7 +11,7 @@ pytestmark = [pytest.mark.slow]
 
 EXPECTED_ROWS = [
     "border-core targets, per-instance loop", "border-core targets, all at once",
-    "instances, acvl-utils 0.2.6", "instances_from_border_core",
+    "instances_from_border_core_torch (cpu, batch of 2)", "instances, acvl-utils 0.2.6", "instances_from_border_core",
     "Instance Dice, acvl-utils matching", "instance_dice",
     "training loader, decode + loop targets per item", "training loader, prepared once and cached",
     "training step alone (forward + backward)",
@@ -24,7 +25,13 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
     benchmark.main(["--num_frames", "2", "--size", "128", "--input_size", "64", "--batch_size", "2", "--num_workers", "1",
                     "--json", str(out)])
     result = json.loads(out.read_text())
-    assert [r["stage"] for r in result["rows"]] == EXPECTED_ROWS
+    stages = [r["stage"] for r in result["rows"]]
+    assert stages[:len(EXPECTED_ROWS)] == EXPECTED_ROWS
+    # then the shipped models, each alone, postprocessed and end to end
+    shipped = [path for path in benchmark.SHIPPED_MODELS if os.path.isfile(path)]
+    assert len(stages) == len(EXPECTED_ROWS) + 3 * len(shipped)
+    assert all(stage.startswith(os.path.basename(path)) for path in shipped
+               for stage in stages[len(EXPECTED_ROWS):][3 * shipped.index(path):3 * shipped.index(path) + 3])
     # each fast path is compared with its straightforward version (how much faster is the benchmark's figure, not the
     # test's: timings on a shared machine say nothing here)
     speedups = {r["stage"]: r["speedup"] for r in result["rows"]}
