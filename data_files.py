@@ -385,10 +385,25 @@ def new_file_mode() -> int:
     return 0o666 & ~umask
 
 
-def atomic_write(path: str, write, suffix: str = ".tmp"):
+def fsync_folder(folder: str):
+    """Make a rename in `folder` durable (where the OS lets a folder be opened; not on every platform)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a folder; the rename is done all the same
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str, write, suffix: str = ".tmp", durable: bool = False):
     """Call write(temporary path) beside `path`, then rename it into place: the file is whole or absent, never half
-    written, and gets the mode the umask gives. OS errors (disk full, permission denied) become a DataError naming
-    the file."""
+    written, and gets the mode the umask gives. `durable`: the file is fsynced before the rename and the folder
+    after it, so that it survives a power cut too (checkpoints; a prediction is cheap to make again). OS errors (disk
+    full, permission denied) become a DataError naming the file. The one writer of every script."""
     tmp = None
     try:
         folder = os.path.dirname(os.path.abspath(path))
@@ -396,8 +411,14 @@ def atomic_write(path: str, write, suffix: str = ".tmp"):
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=suffix)
         os.close(fd)
         write(tmp)
+        if durable:
+            with open(tmp, "rb+") as file:
+                os.fsync(file.fileno())
         os.chmod(tmp, new_file_mode())
         os.replace(tmp, path)
+        tmp = None
+        if durable:
+            fsync_folder(folder)
     except OSError as error:
         raise DataError(f"{path}: cannot write ({os_error_reason(error)})") from error
     finally:

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
+
 from cli_types import HelpFormatter, positive_int
 from eval import evaluate
 from unet import load_checkpoint
@@ -60,8 +62,11 @@ def main(argv=None):
                         "--frames", "8", "--size", "128", "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
     start = time.perf_counter()
     subprocess.run(train_args(data, reference, args.epochs), cwd=ROOT, check=True, capture_output=True)
-    epoch_seconds = (time.perf_counter() - start) / args.epochs
-    kills, resumes, whole = 0, 0, 0
+    wall = time.perf_counter() - start
+    epochs = pd.read_csv(os.path.join(reference, "metrics.csv")).dropna(subset=["train_loss"])
+    epoch_seconds = float(epochs["epoch_seconds"].median())
+    startup = max(1.0, wall - float(epochs["epoch_seconds"].sum()))  # imports, reading frames, the sanity check
+    kills, resumes, whole, defects = 0, 0, 0, []
     last = os.path.join(faulty, "checkpoints", "last.ckpt")
     while True:
         done = load_checkpoint(last)["epoch"] + 1 if os.path.isfile(last) else 0
@@ -81,7 +86,9 @@ def main(argv=None):
             subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
             continue
         how = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        status = interrupted(command, rng.uniform(2, 3 * epoch_seconds), how)
+        status = interrupted(command, rng.uniform(0.8 * startup, startup + 2.5 * epoch_seconds), how)
+        if how == signal.SIGTERM and status == 0:
+            defects.append(f"kill {kills + 1}: SIGTERM, yet exit status 0")
         kills += 1
         if os.path.isfile(last):
             load_checkpoint(last)  # whole and ours, or this raises
@@ -92,7 +99,8 @@ def main(argv=None):
     scores = [score(data, os.path.join(run, "checkpoints", "last.ckpt"), os.path.join(run, "pred_final"))
               for run in (reference, faulty)]
     print(f"{kills} interruptions, {resumes} resumed runs, every last.ckpt whole after each ({whole} checked); "
-          f"Instance Dice on sequence c: uninterrupted {scores[0]:.4f}, interrupted and resumed {scores[1]:.4f}")
+          f"Instance Dice on sequence c: uninterrupted {scores[0]:.4f}, interrupted and resumed {scores[1]:.4f}; "
+          f"defects: {'; '.join(defects) or 'none'}")
 
 
 if __name__ == "__main__":

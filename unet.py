@@ -217,6 +217,8 @@ def load_model(path, map_location="cpu") -> UNet:
     a weights file of export_weights (float16 weights, read back as float32)."""
     checkpoint = load_checkpoint(path, map_location, keys=WEIGHTS_KEYS)
     hparams = legacy_hparams(dict(checkpoint["hyper_parameters"]))
+    if hparams.get("cell_width") is not None and not np.isfinite(float(hparams["cell_width"])):
+        raise CheckpointError(path, "cell_width is not a number")
     try:
         model = UNet(**hparams)
     except Exception as error:

@@ -711,28 +711,15 @@ def test_atomic_checkpoint_survives_enospc_mid_write(tmp_path, monkeypatch):
     path = tmp_path / "checkpoints" / "last.ckpt"
     plugin.save_checkpoint(tiny_checkpoint(1.0), str(path))
     old = path.read_bytes()
-    real_fdopen = os.fdopen
+    def half_then_full(tmp, data):
+        with open(tmp, "wb") as file:
+            file.write(bytes(data[: len(data) // 2]))
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    class FullDisk:
-        def __init__(self, file):
-            self.file = file
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            self.file.write(bytes(data[: len(data) // 2]))
-            self.file.flush()
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(checkpoint_io.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
-    with pytest.raises(OSError) as error:
+    monkeypatch.setattr(checkpoint_io, "write_bytes", half_then_full)
+    with pytest.raises(DataError) as error:
         plugin.save_checkpoint(tiny_checkpoint(2.0), str(path))
-    assert error.value.filename == str(path)
-    assert error_line(error.value) == f"error: {path}: disk full"
+    assert error_line(error.value) == f"error: {path}: cannot write (disk full)"
     assert path.read_bytes() == old
     assert os.listdir(path.parent) == ["last.ckpt"]
 
@@ -774,9 +761,9 @@ def test_atomic_checkpoint_on_a_full_tmpfs_with_tmpdir_elsewhere(tmp_path, small
     plugin.save_checkpoint(tiny_checkpoint(1.0, size=50000), str(path))  # 200 KB
     old = path.read_bytes()
     fill(disk, leave=100 * 1024)  # room for half of the next one
-    with pytest.raises(OSError) as error:
+    with pytest.raises(DataError) as error:
         plugin.save_checkpoint(tiny_checkpoint(2.0, size=50000), str(path))
-    assert error_line(error.value) == f"error: {path}: disk full"
+    assert error_line(error.value) == f"error: {path}: cannot write (disk full)"
     assert path.read_bytes() == old
     assert os.listdir(path.parent) == ["last.ckpt"] and os.listdir(other) == []
 
@@ -816,9 +803,9 @@ def test_a_trainer_with_the_plugin_keeps_last_ckpt_when_the_disk_fills(tmp_path,
                         enable_model_summary=False, plugins=[checkpoint_io.AtomicCheckpointIO()],
                         callbacks=[L.pytorch.callbacks.ModelCheckpoint(  # last.ckpt every epoch, as train.py
                             dirpath=checkpoints, filename="last", enable_version_counter=False)])
-    with pytest.raises(OSError) as error:
+    with pytest.raises(DataError) as error:
         trainer.fit(Tiny(), data)
-    assert error_line(error.value) == f"error: {checkpoints / 'last.ckpt'}: disk full"
+    assert error_line(error.value) == f"error: {checkpoints / 'last.ckpt'}: cannot write (disk full)"
     saved = torch.load(checkpoints / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 0 and saved["global_step"] == 2
     assert os.listdir(checkpoints) == ["last.ckpt"] and sorted(os.listdir(disk)) == ["checkpoints", "filler"]

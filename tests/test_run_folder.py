@@ -197,3 +197,12 @@ def test_an_old_flag_spelling_still_works_and_says_so(data, tmp_path, capsys):
         inference.main(["--root_dir", data, "--seqs", "c", "--from_checkpoint", str(tmp_path / "missing.ckpt")])
     assert "note: --from_checkpoint is deprecated, use --model" in capsys.readouterr().err
     assert str(raised.value).startswith(f"error: {tmp_path / 'missing.ckpt'}: checkpoint not found")
+
+
+def test_a_checkpoint_with_a_nan_cell_width_is_refused(tmp_path):
+    """F7's second half: such checkpoints came from training on masks without cells."""
+    from unet import CheckpointError
+    torch.save({"hyper_parameters": {"view": "tiled", "cell_width": float("nan")}, "state_dict": UNet().state_dict()},
+               tmp_path / "nan.ckpt")
+    with pytest.raises(CheckpointError, match=r"nan\.ckpt: not a checkpoint of this project \(cell_width is not a "):
+        load_model(str(tmp_path / "nan.ckpt"))
