@@ -11,6 +11,7 @@ and prints one line per interruption and the two final scores.
 import argparse
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,9 +31,15 @@ def train_args(data: str, run: str, epochs: int) -> list[str]:
             "--num_epochs", str(epochs), "--set", "input_size=64", "--batch_size", "4", "--num_workers", "1"]
 
 
-def interrupted(command: list[str], after: float, how: int) -> int:
-    """Run a command, send it `how` after `after` seconds (if it is still running); its exit status."""
+def interrupted(command: list[str], after: float, how: int, wait_for: str | None = None) -> int:
+    """Run a command, send it `how` `after` seconds after it started or, with `wait_for`, after that file was
+    (re)written by it (if it is still running); its exit status."""
+    before = os.path.getmtime(wait_for) if wait_for and os.path.exists(wait_for) else None
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while wait_for and process.poll() is None:
+        if os.path.exists(wait_for) and os.path.getmtime(wait_for) != before:
+            break
+        time.sleep(0.2)
     try:
         process.wait(timeout=after)
     except subprocess.TimeoutExpired:
@@ -57,15 +64,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     rng = random.Random(args.seed)
     data, reference, faulty = (os.path.join(args.out_dir, name) for name in ("data", "reference", "faulty"))
+    for run in (reference, faulty):  # this script's own runs: each time anew
+        shutil.rmtree(run, ignore_errors=True)
     if not os.path.isdir(data):
         subprocess.run([sys.executable, "simulate.py", "--out_dir", data, "--sequences", "3", "--without_gt", "0",
                         "--frames", "8", "--size", "128", "--seed", "0"], cwd=ROOT, check=True, capture_output=True)
-    start = time.perf_counter()
     subprocess.run(train_args(data, reference, args.epochs), cwd=ROOT, check=True, capture_output=True)
-    wall = time.perf_counter() - start
     epochs = pd.read_csv(os.path.join(reference, "metrics.csv")).dropna(subset=["train_loss"])
     epoch_seconds = float(epochs["epoch_seconds"].median())
-    startup = max(1.0, wall - float(epochs["epoch_seconds"].sum()))  # imports, reading frames, the sanity check
     kills, resumes, whole, defects = 0, 0, 0, []
     last = os.path.join(faulty, "checkpoints", "last.ckpt")
     while True:
@@ -86,7 +92,8 @@ def main(argv=None):
             subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
             continue
         how = rng.choice([signal.SIGKILL, signal.SIGTERM])
-        status = interrupted(command, rng.uniform(0.8 * startup, startup + 2.5 * epoch_seconds), how)
+        # a moment into the epoch after the next checkpoint: training is under way, with a checkpoint to resume from
+        status = interrupted(command, rng.uniform(0, 1.5 * epoch_seconds), how, wait_for=last)
         if how == signal.SIGTERM and status == 0:
             defects.append(f"kill {kills + 1}: SIGTERM, yet exit status 0")
         kills += 1
