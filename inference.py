@@ -26,6 +26,7 @@ from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError
 from cli_types import HelpFormatter, Renamed, non_negative_int, positive_float, positive_int
 from dataset import UnlabelledFrames
 from folder_lock import lock_folder
+from postprocess_torch import instances_from_border_core_torch
 from energy import EnergyMeter
 from scale import frame_scale, median_cell_width
 from unet import UNet, load_model
@@ -43,11 +44,11 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 @torch.inference_mode()
-def border_core_maps(model: UNet, loader, device: str | torch.device = "auto"):
+def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", instances: bool = False):
     """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices), as the model's view sees
     the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in float16
     autocast and channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per pixel) comes back to
-    the host."""
+    the host; with `instances`, the instance maps postprocessed on the device instead (postprocess_torch.py)."""
     device = pick_device(device) if isinstance(device, str) else device
     cuda = device.type == "cuda"
     model = model.to(device).eval()
@@ -59,6 +60,10 @@ def border_core_maps(model: UNet, loader, device: str | torch.device = "auto"):
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
             semantic = model.view.logits(model, images).argmax(1).to(torch.uint8)
+        if instances:
+            hparams = model.hparams
+            semantic = instances_from_border_core_torch(semantic, hparams.small_center_threshold,
+                                                        hparams.isolated_border_threshold, hparams.min_area_fraction)
         yield indices.tolist(), semantic.cpu().numpy()
 
 
@@ -69,14 +74,15 @@ class Postprocess:
     holding only the thresholds and the view, not the model, so that a process pool takes it cheaply."""
 
     def __init__(self, model: UNet, shapes: list, names: list | None = None, out_folder: str | None = None,
-                 native: bool = False, score_size=SCORE_SIZE):
+                 native: bool = False, score_size=SCORE_SIZE, on_device: bool = False):
         hparams = model.hparams
+        self.on_device = on_device  # the maps it gets are instances already, postprocessed next to the model
         self.thresholds = (hparams.small_center_threshold, hparams.isolated_border_threshold, hparams.min_area_fraction)
         self.view, self.shapes, self.names, self.out_folder = model.view, shapes, names, out_folder
         self.native, self.score_size = native, score_size
 
     def __call__(self, index: int, semantic: np.ndarray):
-        instances = instances_from_border_core(semantic, *self.thresholds)
+        instances = semantic if self.on_device else instances_from_border_core(semantic, *self.thresholds)
         shape = tuple(self.shapes[index])
         if self.out_folder is None:
             return resize_nearest_exact(instances, shape) if self.native else \
@@ -98,7 +104,7 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
     `in_flight` batches ahead, so memory stays bounded; a worker's error is raised here.
     """
     pending = deque()
-    for indices, maps in border_core_maps(model, loader, device):
+    for indices, maps in border_core_maps(model, loader, device, instances=postprocess.on_device):
         if pool is None:
             yield from zip(indices, map(postprocess, indices, maps))
             continue
@@ -169,7 +175,8 @@ def predict_images(model: UNet, images, cell_width: float | None = None, device:
     images = list(images)
     scale = sequence_scale(model, images, device, cell_width, say=lambda line: None)
     loader = frames_loader(model, images, scale, batch_size, 0, device)
-    postprocess = Postprocess(model, [np.shape(image) for image in images], native=True)
+    postprocess = Postprocess(model, [np.shape(image) for image in images], native=True,
+                              on_device=device.type == "cuda")
     results = [None] * len(images)
     for done, (index, labels) in enumerate(predict_instance_segmentation_from_border_core(model, loader, device,
                                                                                            postprocess), 1):
@@ -190,7 +197,7 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
     postprocess = Postprocess(model, [frame_shape(f.image_path) for f in frames], [f.name for f in frames],
-                              out_folder, native)
+                              out_folder, native, on_device=device.type == "cuda")
     return sum(1 for _ in predict_instance_segmentation_from_border_core(model, loader, device, postprocess, pool))
 
 

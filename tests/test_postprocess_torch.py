@@ -54,3 +54,28 @@ def test_the_size_filter_equals_the_numpy_one(fraction):
 def test_component_ids_are_the_first_pixel_in_raster_order():
     mask = torch.tensor([[1, 0, 1], [1, 0, 1], [1, 1, 1], [0, 0, 0], [0, 1, 1]], dtype=torch.bool)[None]
     assert component_ids(mask)[0].tolist() == [[1, 0, 1], [1, 0, 1], [1, 1, 1], [0, 0, 0], [0, 14, 14]]
+
+
+@pytest.mark.slow
+def test_inference_postprocessing_on_the_device_equals_the_host_path(tmp_path):
+    """What a GPU run does (instances made next to the model, Postprocess given them), forced on the CPU device."""
+    from torch.utils.data import DataLoader
+
+    from dataset import UnlabelledFrames
+    from inference import Postprocess, predict_instance_segmentation_from_border_core
+    from unet import UNet
+
+    torch.manual_seed(0)
+    model = UNet(widths=(4, 8, 16, 32), view="tiled", tile_size=64, intensity="percentile",
+                 min_area_fraction=1 / 16).eval()
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (70, 90)).astype(np.uint8) for _ in range(3)]
+    loader = DataLoader(UnlabelledFrames(images, model.view, "percentile"), batch_size=1)
+    results = {}
+    for on_device in (False, True):
+        postprocess = Postprocess(model, [image.shape for image in images], native=True, on_device=on_device)
+        results[on_device] = [labels for _, labels in
+                              predict_instance_segmentation_from_border_core(model, loader, "cpu", postprocess)]
+    assert any(labels.max() > 0 for labels in results[False])
+    for host, device in zip(results[False], results[True]):
+        np.testing.assert_array_equal(host, device)
