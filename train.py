@@ -145,7 +145,7 @@ def fine_tuning_lr(model: UNet, data: CellDataModule, recipe, cuda: bool) -> flo
 def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, RunCheckpoint, bool]:
     checkpoint_dir = os.path.join(args.out_dir, "checkpoints")
     best = RunCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
-                           save_top_k=1)
+                         save_top_k=1)
     # last.ckpt every epoch; not save_last=True above, which Lightning writes only in an epoch whose score improved
     last = RunCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     callbacks = [best, last, EnergyCallback(), EpochLine()]
