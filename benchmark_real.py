@@ -18,8 +18,8 @@ Rows per dataset: the method's ceiling (ground truth -> border-core targets -> p
 fine-tuned, and Cellpose 3 trained from scratch with its command-line defaults (peer_cellpose.py, in its own venv
 .venv-cellpose, created when missing): one training run of its 500 epochs (or up to --cellpose_max_cpu_seconds),
 a checkpoint every 10 epochs, scored at the checkpoints first past 1x, 2x and 4x the patch recipe's CPU-seconds
-(CELLPOSE_BUDGETS), every --cellpose_score_every epochs and its last. Cellpose selects no checkpoint: sequence b
-only gives its test loss in the log. A Cellpose run whose folder already holds checkpoints.json is reused, not
+(CELLPOSE_BUDGETS), every --cellpose_score_every epochs, its last, and wherever an earlier call left a prediction.
+Cellpose selects no checkpoint: sequence b only gives its test loss in the log. A Cellpose run whose folder already holds checkpoints.json is reused, not
 retrained (delete the folder to retrain).
 
 Scores, all on the test frames with eval.py's functions: Instance Dice at 256 x 256 (the challenge's) and at the
@@ -242,9 +242,15 @@ def predicted_every_frame(pred_dir: str, root: str, sequence: str = "c") -> bool
 def cellpose_rows(root: str, run_dir: str, reference_cpu: float | None, every: int, max_cpu_seconds: float):
     checkpoints, train_command = train_cellpose(root, run_dir, max_cpu_seconds)
     python = cellpose_python(run_dir)
+
+    def pred_dir_of(checkpoint):
+        return os.path.join(run_dir, f"pred_{checkpoint['epochs']:04d}")
+
+    chosen = chosen_checkpoints(checkpoints, reference_cpu, every)
+    chosen += [c for c in checkpoints if c not in chosen and predicted_every_frame(pred_dir_of(c), root)]
     rows = []
-    for checkpoint in chosen_checkpoints(checkpoints, reference_cpu, every):
-        pred_dir = os.path.join(run_dir, f"pred_{checkpoint['epochs']:04d}")
+    for checkpoint in sorted(chosen, key=lambda c: c["epochs"]):
+        pred_dir = pred_dir_of(checkpoint)
         if not predicted_every_frame(pred_dir, root):
             run_timed([python, "peer_cellpose.py", "predict", "--model", os.path.join(run_dir, "run", checkpoint["model"]),
                        "--root_dir", root, "--seqs", "c", "--pred_dir", pred_dir],
