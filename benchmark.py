@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import simulate
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
-from cli_types import Renamed
+from cli_types import HelpFormatter, Renamed
 from data_files import list_frames, read_mask, read_tiff_2d, write_sequence
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
@@ -288,7 +288,7 @@ def tracking_rows(masks, device):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
     parser.add_argument("--seq", default="c", help="sequence with GT to take frames from")
     parser.add_argument("--num_frames", "--frames", dest="num_frames", action=Renamed, type=int, default=16, help="frames per stage")

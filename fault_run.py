@@ -31,21 +31,23 @@ def train_args(data: str, run: str, epochs: int) -> list[str]:
             "--num_epochs", str(epochs), "--set", "input_size=64", "--batch_size", "4", "--num_workers", "1"]
 
 
-def interrupted(command: list[str], after: float, how: int, wait_for: str | None = None) -> int:
+def interrupted(command: list[str], after: float, how: int, wait_for: str | None = None) -> tuple[int, bool]:
     """Run a command, send it `how` `after` seconds after it started or, with `wait_for`, after that file was
-    (re)written by it (if it is still running); its exit status."""
+    (re)written by it; (its exit status, whether the signal was sent: not where it had ended by itself)."""
     before = os.path.getmtime(wait_for) if wait_for and os.path.exists(wait_for) else None
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while wait_for and process.poll() is None:
         if os.path.exists(wait_for) and os.path.getmtime(wait_for) != before:
             break
         time.sleep(0.2)
+    sent = False
     try:
         process.wait(timeout=after)
     except subprocess.TimeoutExpired:
         process.send_signal(how)
+        sent = True
     process.communicate()
-    return process.returncode
+    return process.returncode, sent
 
 
 def score(data: str, checkpoint: str, pred: str) -> float:
@@ -85,23 +87,27 @@ def main(argv=None):
                 predict = [sys.executable, "inference.py", "--root_dir", data, "--seqs", "c", "--from_checkpoint",
                            last, "--pred_dir", os.path.join(faulty, "pred"), "--overwrite", "--num_workers", "0",
                            "--postprocess_workers", "0"]
-                status = interrupted(predict, rng.uniform(1, 8), how)
-                kills += 1
-                print(f"kill {kills}: inference, {signal.Signals(how).name}, exit {status}", flush=True)
+                status, sent = interrupted(predict, rng.uniform(1, 6), how)
+                kills += sent
+                print(f"{f'kill {kills}' if sent else 'no kill'}: inference, {signal.Signals(how).name}, exit {status}"
+                      + ("" if sent else " (it had ended by itself)"), flush=True)
+                if sent and how == signal.SIGTERM and status == 0:
+                    defects.append(f"kill {kills}: inference, SIGTERM, yet exit status 0")
                 continue
             subprocess.run(command, cwd=ROOT, check=True, capture_output=True)
             continue
         how = rng.choice([signal.SIGKILL, signal.SIGTERM])
         # a moment into the epoch after the next checkpoint: training is under way, with a checkpoint to resume from
-        status = interrupted(command, rng.uniform(0, 1.5 * epoch_seconds), how, wait_for=last)
-        if how == signal.SIGTERM and status == 0:
+        status, sent = interrupted(command, rng.uniform(0, 1.5 * epoch_seconds), how, wait_for=last)
+        if sent and how == signal.SIGTERM and status == 0:
             defects.append(f"kill {kills + 1}: SIGTERM, yet exit status 0")
-        kills += 1
+        kills += sent
         if os.path.isfile(last):
             load_checkpoint(last)  # whole and ours, or this raises
             whole += 1
         resumes += "--resume" in command
-        print(f"kill {kills}: training at epoch {done}, {signal.Signals(how).name}, exit {status}; last.ckpt "
+        print(f"{f'kill {kills}' if sent else 'no kill'}: training at epoch {done}, {signal.Signals(how).name}, exit "
+              f"{status}{'' if sent else ' (it had ended by itself)'}; last.ckpt "
               f"{'whole' if os.path.isfile(last) else 'not yet written'}", flush=True)
     scores = [score(data, os.path.join(run, "checkpoints", "last.ckpt"), os.path.join(run, "pred_final"))
               for run in (reference, faulty)]

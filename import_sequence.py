@@ -24,6 +24,7 @@ import sys
 
 import numpy as np
 
+from cli_types import HelpFormatter
 from data_files import DataError, check_labels, error_line, read_tiff_2d, write_sequence
 from movie_io import parse_frames, read_movie
 
@@ -110,7 +111,7 @@ def import_sequence(images_path: str, root_dir: str, name: str, masks_path: str 
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", required=True, help="TIFF stack or folder of single-frame TIFFs")
     parser.add_argument("--masks", default=None, help="instance masks, same form; omit for a sequence without GT")
     parser.add_argument("--root_dir", required=True, help="data root to write into (challenge layout)")
