@@ -15,6 +15,7 @@ import json
 import multiprocessing
 import os
 import platform
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 import simulate
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
 from cli_types import HelpFormatter, Renamed
-from data_files import list_frames, read_mask, read_tiff_2d, write_sequence
+from data_files import list_frames, read_mask, read_tiff_2d, write_marked_block, write_sequence
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
 from energy import EnergyMeter
@@ -291,14 +292,18 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
     parser.add_argument("--seq", default="c", help="sequence with GT to take frames from")
-    parser.add_argument("--num_frames", "--frames", dest="num_frames", action=Renamed, type=int, default=16, help="frames per stage")
+    parser.add_argument("--num_frames", "--frames", dest="num_frames", action=Renamed, type=int, default=16,
+                        help="frames per stage")
     parser.add_argument("--size", type=int, default=512, help="frame size of the simulated colony")
     parser.add_argument("--input_size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--num_workers", "--workers", dest="num_workers", action=Renamed, type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num_workers", "--workers", dest="num_workers", action=Renamed, type=int,
+                        default=min(4, os.cpu_count() or 1), help="loader processes")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", default="benchmark.json")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results_md", default=None,
+                        help="also write the table into this file's benchmark block (docs/results.md)")
     args = parser.parse_args(argv)
     device = pick_device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -336,6 +341,24 @@ def main(argv=None):
     with open(args.json, "w") as file:
         json.dump({"machine": machine, "rows": rows}, file, indent=2)
     print(f"wrote {args.json}")
+    if args.results_md:
+        write_marked_block(args.results_md, "benchmark", results_markdown(machine, rows, argv))
+        print(f"wrote the benchmark block of {args.results_md}")
+
+
+def results_markdown(machine: dict, rows: list[dict], argv) -> str:
+    command = "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [f"`{command.strip()}` on {machine['device']} ({machine['cpu_cores']} cores, torch {machine['torch']}), "
+             f"{machine['frames']} frames of {machine['frame_size'][0]} x {machine['frame_size'][1]} with "
+             f"{machine['cells_per_frame']} cells on average; each ratio measured side by side in one run:", "",
+             "| stage | frames/s | ms/frame | speed-up | peak MiB | Wh | note |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        speedup = f"{r['speedup']:.1f}×" if r["speedup"] else ""
+        energy = f"{r['energy_wh']:.4f}" if r["energy_wh"] is not None else "n/m"
+        lines.append(f"| {r['stage']} | {r['frames_per_s']:.2f} | {r['ms_per_frame']:.1f} | {speedup} | "
+                     f"{r['peak_mib']:.1f} | {energy} | {r['note']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -697,3 +697,22 @@ def write_ctc_sequence(root_dir: str, name: str, frames, parent_of: dict, with_g
                 os.replace(os.path.join(staging, "gt"), targets["gt"])
             os.replace(os.path.join(staging, "images"), targets["images"])
     return count
+
+
+def write_marked_block(path: str, name: str, text: str):
+    """Replace what lies between `<!-- name:start -->` and `<!-- name:end -->` in a text file (docs/results.md),
+    leaving the rest as it is; a file without the markers gets the block at its end, a missing file just the block.
+    How a benchmark script regenerates its own table in a document others write too."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    old = open(path).read() if os.path.isfile(path) else ""
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in old and end in old.split(start, 1)[1]:
+        before, rest = old.split(start, 1)
+        new = before + block + rest.split(end, 1)[1]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + ("\n" if old else "") + block + "\n"
+
+    def write(temporary):
+        with open(temporary, "w") as file:
+            file.write(new)
+    atomic_write(path, write, ".md.tmp")

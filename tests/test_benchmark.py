@@ -7,7 +7,7 @@ import pytest
 
 import benchmark
 
-pytestmark = [pytest.mark.slow]
+
 
 EXPECTED_ROWS = [
     "border-core targets, per-instance loop", "border-core targets, all at once",
@@ -20,6 +20,7 @@ EXPECTED_ROWS = [
 ]
 
 
+@pytest.mark.slow
 def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
     out = tmp_path / "bench.json"
     benchmark.main(["--num_frames", "2", "--size", "128", "--input_size", "64", "--batch_size", "2", "--num_workers", "1",
@@ -41,6 +42,7 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
     assert all(name in printed for name in EXPECTED_ROWS) and "speed-up" in printed
 
 
+@pytest.mark.slow
 def test_benchmark_gpu_script_runs_both_recipes_and_writes_the_table(tmp_path):
     """benchmark_gpu.sh on tiny frames with small settings, on whatever device there is: every row of its table is
     filled from the runs' own metrics and inference lines."""
@@ -66,3 +68,19 @@ def test_benchmark_gpu_script_runs_both_recipes_and_writes_the_table(tmp_path):
     inference = [cells for name, cells in rows.items() if "output" in name]
     assert len(inference) == 3 and all(float(cells[0]) > 0 for cells in inference)
     assert "6 frames on" in table  # a's and b's frames, once
+
+
+def test_the_table_goes_into_its_own_block_of_the_results_page(tmp_path):
+    from data_files import write_marked_block
+
+    page = tmp_path / "results.md"
+    page.write_text("# Results\n\n<!-- benchmark:start -->\nold table\n<!-- benchmark:end -->\n\nwritten by hand\n")
+    machine = {"device": "cpu", "cpu_cores": 2, "torch": "2.13.0", "frames": 2, "frame_size": [64, 64],
+               "cells_per_frame": 5}
+    rows = [{"stage": "instance_dice", "frames_per_s": 10.0, "ms_per_frame": 100.0, "speedup": 2.0, "peak_mib": 1.0,
+             "energy_wh": None, "note": "equal"}]
+    write_marked_block(str(page), "benchmark", benchmark.results_markdown(machine, rows, ["--num_frames", "2"]))
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# Results") and text.endswith("written by hand\n")
+    assert "| instance_dice | 10.00 | 100.0 | 2.0× | 1.0 | n/m | equal |" in text
+    assert "`python benchmark.py --num_frames 2` on cpu (2 cores" in text
