@@ -365,6 +365,9 @@ def plot_race(rows: list[dict], path: str):
     import matplotlib.pyplot as plt
 
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    tools = list(dict.fromkeys("Cellpose 3 (from scratch)" if row["recipe"].startswith("cellpose") else row["recipe"]
+                               for row in rows if row["recipe"] != "ceiling"))
+    colours = {tool: f"C{index % 10}" for index, tool in enumerate(tools)}  # one colour per tool in every panel
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         group = [row for row in rows if row["dataset"] == dataset]
@@ -377,13 +380,14 @@ def plot_race(rows: list[dict], path: str):
                 lines.setdefault(tool, []).append((row["cpu_seconds"], row["dice_256"]))
         for tool, points in lines.items():
             cpu, dice = zip(*sorted(points))
-            axis.plot(cpu, dice, marker="o", markersize=3, label=tool)
+            axis.plot(cpu, dice, marker="o", markersize=4, label=tool, color=colours[tool])
         axis.set_title(dataset)
         axis.set_xlabel("training CPU-seconds")
+        axis.set_xlim(left=0)
+        axis.legend(fontsize=7, loc="lower right")
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("Instance Dice (256 × 256), test frames")
-    axes[0][-1].legend(fontsize=7, loc="lower right")
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"), ".png.tmp")
     plt.close(figure)
