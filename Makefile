@@ -15,7 +15,7 @@ DEMO_EPOCHS ?= 8
 REAL_TRPL ?= ../shared/real/trpL
 PICTURES ?= $(DEMO_RUN)/pictures
 
-.PHONY: demo test test-fast install install-test extras readme-imgs pretrained clean
+.PHONY: demo test test-fast install install-test extras peers benchmark-real readme-imgs pretrained clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -96,9 +96,21 @@ pretrained: $(VENV)/.installed
 		--set patches_per_epoch=256 --batch_size 8 --num_epochs $(GENERALIST_EPOCHS) \
 		--export_to models/bacteria_generalist.pt
 
+# the peer tool, Cellpose 3, in its own venv: torch==2.13.0 first, then cellpose<4 (no torchvision); never the project's
+CELLPOSE_VENV ?= .venv-cellpose
+$(CELLPOSE_VENV)/.installed: peer_cellpose.py
+	$(PYTHON) peer_cellpose.py install --venv $(CELLPOSE_VENV)
+	touch $@
+peers: $(CELLPOSE_VENV)/.installed
+
+# the recipes and Cellpose 3 side by side on trpL, Usiigaci and a simulated set (hours on a 2-core CPU;
+# docs/peers.md), written into docs/results.md and readme_imgs/peer_race.png
+benchmark-real: $(VENV)/.installed $(CELLPOSE_VENV)/.installed
+	$(PY) benchmark_real.py --generalist models/bacteria_generalist.pt
+
 # the README's pictures are the demo's: make readme-imgs reruns the demo drawing into readme_imgs/
 readme-imgs:
 	$(MAKE) demo PICTURES=readme_imgs
 
 clean:
-	rm -rf $(VENV) runs pred $(DEMO_DATA) $(GENERALIST_DATA)
+	rm -rf $(VENV) $(CELLPOSE_VENV) runs pred $(DEMO_DATA) $(GENERALIST_DATA)
