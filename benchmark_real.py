@@ -48,7 +48,7 @@ from augment import median_cell_width
 from border_core import border_core_targets, instances_at_score_size, instances_from_border_core, resize_nearest
 from data_files import (DataError, atomic_write, list_frames, numbered_files, read_mask, read_prediction,
                         read_tiff_2d, write_sequence, write_tiff_atomically, NATIVE_PREDICTION_PATTERN,
-                        narrowest_unsigned, prediction_path)
+                        narrowest_unsigned, prediction_path, write_marked_block)
 from eval import evaluate, sequence_scores
 from metrics import instance_dice, pooled_ap
 from unet import load_checkpoint
@@ -341,20 +341,8 @@ def results_markdown(rows: list[dict]) -> str:
 
 
 def write_results_block(path: str, text: str):
-    """Replace what lies between RESULTS_START and RESULTS_END in `path` (the rest of the file untouched); a file
-    without the markers gets the block at its end, a missing file just the block."""
-    old = open(path).read() if os.path.isfile(path) else ""
-    block = f"{RESULTS_START}\n{text.rstrip()}\n{RESULTS_END}"
-    if RESULTS_START in old and RESULTS_END in old.split(RESULTS_START, 1)[1]:
-        before, rest = old.split(RESULTS_START, 1)
-        new = before + block + rest.split(RESULTS_END, 1)[1]
-    else:
-        new = old + ("\n" if old and not old.endswith("\n") else "") + ("\n" if old else "") + block + "\n"
-
-    def write(temporary):
-        with open(temporary, "w") as file:
-            file.write(new)
-    atomic_write(path, write, ".md.tmp")
+    """This benchmark's block of the results page (data_files.write_marked_block; the rest of the page untouched)."""
+    write_marked_block(path, "benchmark_real", text)
 
 
 def plot_race(rows: list[dict], path: str):
