@@ -126,21 +126,3 @@ def foreground_pixels(mask: np.ndarray, stride: int = 4) -> np.ndarray:
     to keep for every frame in memory."""
     rows, cols = np.nonzero(mask[::stride, ::stride])
     return (np.stack([rows, cols], 1) * stride).astype(np.int32)
-
-
-def median_cell_width(masks) -> float:
-    """Median width of the instances of some label images, in px: twice the largest distance from a cell's pixel to
-    the nearest pixel outside it (background or another cell), minus one. For a rod that is its diameter; it is how
-    the model's scale is stated (Cellpose states it as a diameter in the same spirit). One distance transform per
-    cell, in its bounding box."""
-    widths = []
-    for mask in masks:
-        mask = np.asarray(mask)
-        if mask.size and int(mask.max()) > mask.size:  # sparse huge ids (uint32 above 2**31): find_objects would
-            mask = np.unique(mask, return_inverse=True)[1].reshape(mask.shape)  # allocate per id; renumber 0..N
-        for label, box in enumerate(ndimage.find_objects(mask), start=1):
-            if box is None:
-                continue
-            cell = np.pad(mask[box] == label, 1)
-            widths.append(2 * ndimage.distance_transform_edt(cell).max() - 1)
-    return float(np.median(widths)) if widths else float("nan")

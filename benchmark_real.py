@@ -44,7 +44,7 @@ import time
 import numpy as np
 import pandas as pd
 
-from augment import median_cell_width
+from scale import median_cell_width
 from border_core import border_core_targets, instances_at_score_size, instances_from_border_core, resize_nearest
 from data_files import (DataError, atomic_write, list_frames, numbered_files, read_mask, read_prediction,
                         read_tiff_2d, write_sequence, write_tiff_atomically, NATIVE_PREDICTION_PATTERN,
