@@ -716,3 +716,27 @@ def write_marked_block(path: str, name: str, text: str):
         with open(temporary, "w") as file:
             file.write(new)
     atomic_write(path, write, ".md.tmp")
+
+
+def replace_folder(out: str, write, prefix: str):
+    """Call write(staging folder) in a hidden folder beside `out`, then put it in out's place whole: `out` is either
+    the complete new result or what it was before (a SIGTERM during the renames waits for them; staging_folder
+    cleans up otherwise). OS errors become a DataError naming `out`."""
+    out = os.path.abspath(out)
+    parent = os.path.dirname(out)
+    try:
+        with staging_folder(parent, f"{prefix}-{os.path.basename(out)}") as staging:
+            write(staging)
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the result from the group
+            with sigterm_deferred(), staging_folder(parent, f"old-{os.path.basename(out)}") as old:
+                if os.path.exists(out):
+                    os.replace(out, os.path.join(old, "result"))
+                os.replace(staging, out)
+    except OSError as error:
+        raise DataError(f"{out}: cannot write the result ({os_error_reason(error)})") from error
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

@@ -34,49 +34,18 @@ import json
 import math
 import os
 import resource
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from data_files import DataError, error_line, to_uint8_range
+from cli_types import HelpFormatter, non_negative_int, positive_float
+from data_files import DataError, error_line, replace_folder, to_uint8_range
 from movie_io import Movie, parse_frames, read_label_stack, read_movie
 
 DEFAULT_CELL_WIDTH_UM = 1.0  # µm: E. coli and most rod-shaped bacteria are 0.5-1.5 µm wide
 OVERLAY_MAX_SIDE = 2048  # px: larger frames are shrunk (by a whole factor) in overlay.gif
 OVERLAY_FRAME_MS = 250
-
-
-class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's default in its help: appended where the help text does not already say it."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if "default" not in text and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
-            text += " (default: %(default)s)"
-        return text
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
-
-
-def index_type(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
 
 
 def frames_type(text: str) -> slice:
@@ -90,11 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("movie", help="the movie file (TIFF; ND2, CZI, LIF, OME-Zarr with requirements-movie.txt)")
     parser.add_argument("--out", "--out_dir", dest="out", required=True, help="result folder")
-    parser.add_argument("--channel", type=index_type, default=None,
+    parser.add_argument("--channel", type=non_negative_int, default=None,
                         help="channel to segment (0-based), needed where the file has several (RGB included) (default: none: one channel)")
-    parser.add_argument("--position", type=index_type, default=None,
+    parser.add_argument("--position", type=non_negative_int, default=None,
                         help="position (series, scene) to segment, needed where the file has several (default: none: one position)")
-    parser.add_argument("--z", type=index_type, default=None, help="plane of a z-stack (0-based) (default: none: 2-D frames)")
+    parser.add_argument("--z", type=non_negative_int, default=None, help="plane of a z-stack (0-based) (default: none: 2-D frames)")
     parser.add_argument("--frames", type=frames_type, default=":", metavar="START:STOP",
                         help="the frames to segment, e.g. 0:50; ':' is every frame (default: %(default)s)")
     parser.add_argument("--pixel_size", type=positive_float, default=None, metavar="UM",
@@ -208,30 +177,8 @@ def write_label_stack(path: str, track_maps, pixel_size: float | None):
 # ---------------------------------------------------------------------------------------------------------- writing
 
 def write_outputs(out: str, overwrite: bool, write):
-    """Call write(staging folder) and rename the folder into place whole: out is either the complete result or what it
-    was before."""
-    out = os.path.abspath(out)
-    parent = os.path.dirname(out)
-    staging = old = None
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".segment-{os.path.basename(out)}-")
-        write(staging)
-        mask = os.umask(0o022)
-        os.umask(mask)
-        os.chmod(staging, 0o777 & ~mask)
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(out)}-")
-            os.replace(out, os.path.join(old, "result"))
-        os.replace(staging, out)
-        staging = None
-    except OSError as error:
-        from data_files import os_error_reason
-        raise DataError(f"{out}: cannot write the result ({os_error_reason(error)})") from error
-    finally:
-        for folder in (staging, old):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
+    """Call write(staging folder) and put the folder in place whole (data_files.replace_folder)."""
+    replace_folder(out, write, "segment")
 
 
 def segment(args) -> dict:

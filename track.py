@@ -42,9 +42,7 @@ Linking, frame t-1 -> t, from one contingency table of the two label maps (np.bi
 import argparse
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 
 import numpy as np
@@ -56,7 +54,7 @@ from scipy.optimize import linear_sum_assignment
 from border_core import resize_nearest_exact
 from data_files import (MASK_PATTERN, PREDICTION_PATTERN, RESULT_MASK_PATTERN, RESULT_TRACK_FILE, TRACK_MASK_PATTERN,
                         DataError, compact_labels, ctc_digits, format_tracks, narrowest_unsigned, numbered_files,
-                        read_prediction, result_mask_name)
+                        read_prediction, replace_folder, result_mask_name)
 from metrics import dense_index, overlap_table_of_indices
 
 DAUGHTER_INSIDE = 0.5  # share of a daughter's area inside its mother's last outline (> 0.5: one mother at most)
@@ -425,12 +423,9 @@ def write_result(out_dir: str, track_maps, tracks, statistics: pd.DataFrame, ove
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not overwrite and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise DataError(f"{out_dir}: already exists; choose another folder, remove it or pass --overwrite")
-    parent = os.path.dirname(out_dir)
     digits = ctc_digits(len(track_maps))
-    staging = old = None
-    try:
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(dir=parent, prefix=f".track-{os.path.basename(out_dir)}-")
+
+    def write(staging):
         for t, track_map in enumerate(track_maps):
             tifffile.imwrite(os.path.join(staging, result_mask_name(t, digits)), track_map)
         with open(os.path.join(staging, RESULT_TRACK_FILE), "w") as file:
@@ -438,24 +433,7 @@ def write_result(out_dir: str, track_maps, tracks, statistics: pd.DataFrame, ove
         statistics.to_csv(os.path.join(staging, "tracks.csv"), index=False)
         (drift_table(np.zeros((len(track_maps), 2))) if drift is None else drift).to_csv(
             os.path.join(staging, "drift.csv"), index=False)
-        os.chmod(staging, 0o777 & ~current_umask())
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".old-{os.path.basename(out_dir)}-")
-            os.replace(out_dir, os.path.join(old, "result"))
-        os.replace(staging, out_dir)
-        staging = None
-    except OSError as error:
-        raise DataError(f"{out_dir}: cannot write the result ({error.strerror or error})") from error
-    finally:
-        for folder in (staging, old):
-            if folder is not None:
-                shutil.rmtree(folder, ignore_errors=True)
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    replace_folder(out_dir, write, "track")
 
 
 def track(labels_dir: str, out_dir: str, out_size=None, overwrite: bool = False, register: bool = True) -> dict:
