@@ -32,13 +32,16 @@ from data_files import list_frames, read_mask, read_tiff_2d, write_marked_block,
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
 from energy import EnergyMeter
-from inference import BUNDLED_MODEL, FAST_MODEL, border_core_maps, pick_device, predict_images, predict_sequence
+from inference import BUNDLED_MODEL, MODELS_DIR, border_core_maps, pick_device, predict_images, predict_sequence
 from metrics import instance_dice
 from postprocess_torch import instances_from_border_core_torch
 from track import link_tracks
 from unet import UNet, load_model
 
-SHIPPED_MODELS = (BUNDLED_MODEL, FAST_MODEL)  # the full-width model first: the others' speed-up is over it
+# the models in models/, the bundled one first: the others' speed-up is over it
+SHIPPED_MODELS = [BUNDLED_MODEL] + sorted(os.path.join(MODELS_DIR, name) for name in
+                                          (os.listdir(MODELS_DIR) if os.path.isdir(MODELS_DIR) else [])
+                                          if name.endswith(".pt") and os.path.join(MODELS_DIR, name) != BUNDLED_MODEL)
 
 
 # ------------------------------------------------------------------------------------------ straightforward versions

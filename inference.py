@@ -34,7 +34,6 @@ from unet import UNet, load_model
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 BUNDLED_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist.pt")
-FAST_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist_fast.pt")  # half the widths: for CPUs
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -95,8 +94,8 @@ class Postprocess:
         return paths
 
 
-def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device = "auto",
-                                                   postprocess=None, pool=None, in_flight: int = 4):
+def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device,
+                                                   postprocess: "Postprocess", pool=None, in_flight: int = 4):
     """The one inference path (the baseline's name): run the model over a loader of (images, indices) batches and
     yield (index, postprocess(index, border-core map)) in loader order.
 
