@@ -21,8 +21,9 @@ from torch.utils.data import DataLoader
 
 import data_files
 from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest_exact
-from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, default_sequences, error_line,
-                        frame_shape, list_frames, narrowest_unsigned, prediction_name, write_tiff_atomically)
+from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, Frame, default_sequences,
+                        error_line, frame_shape, list_frames, narrowest_unsigned, prediction_name,
+                        write_tiff_atomically)
 from cli_types import HelpFormatter, Renamed, non_negative_int, positive_float, positive_int
 from dataset import UnlabelledFrames
 from folder_lock import lock_folder
@@ -34,6 +35,11 @@ from unet import UNet, load_model
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 BUNDLED_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist.pt")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+# tiles of a tiled-view model per forward pass: a few on a CPU (larger batches do not run faster there), many on a GPU
+TILES_PER_PASS = {"cpu": 4, "cuda": 64}
+# at most this many input pixels in a batch of frames: bounds the float32 logits a batch holds (12 bytes a pixel)
+BATCH_PIXELS = 2 ** 24
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -42,14 +48,32 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """The dtype the model runs in under autocast, None for float32: with "auto", bfloat16 on a GPU that supports it
+    (the range of float32, so logits cannot overflow), float16 on an older one, float32 on a CPU (where reduced
+    precision is slower without matrix units, and the shipped figures were measured)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
 @torch.inference_mode()
-def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", instances: bool = False):
+def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", instances: bool = False,
+                     precision: str = "auto", tile_batch: int | None = None):
     """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices), as the model's view sees
-    the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in float16
-    autocast and channels_last, the layout its tensor cores prefer. Only the argmax (1 byte per pixel) comes back to
-    the host; with `instances`, the instance maps postprocessed on the device instead (postprocess_torch.py)."""
+    the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in bf16 (or
+    fp16) autocast and channels_last, the layout its tensor cores prefer (autocast_dtype: `precision`). A tiled-view
+    model runs `tile_batch` tiles per forward pass (default: TILES_PER_PASS of the device), taken from all frames of a
+    batch. Only the argmax (1 byte per pixel) comes back to the host; with `instances`, the instance maps
+    postprocessed on the device instead (postprocess_torch.py)."""
     device = pick_device(device) if isinstance(device, str) else device
     cuda = device.type == "cuda"
+    dtype = autocast_dtype(device, precision)
+    tile_batch = tile_batch or TILES_PER_PASS.get(device.type, TILES_PER_PASS["cpu"])
     model = model.to(device).eval()
     if cuda:
         model = model.to(memory_format=torch.channels_last)
@@ -57,8 +81,8 @@ def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", i
         images = images.to(device, non_blocking=True)
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=cuda):
-            semantic = model.view.logits(model, images).argmax(1).to(torch.uint8)
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            semantic = model.view.logits(model, images, tile_batch).argmax(1).to(torch.uint8)
         if instances:
             hparams = model.hparams
             semantic = instances_from_border_core_torch(semantic, hparams.small_center_threshold,
@@ -95,7 +119,8 @@ class Postprocess:
 
 
 def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device,
-                                                   postprocess: "Postprocess", pool=None, in_flight: int = 4):
+                                                   postprocess: "Postprocess", pool=None, in_flight: int = 4,
+                                                   precision: str = "auto", tile_batch: int | None = None):
     """The one inference path (the baseline's name): run the model over a loader of (images, indices) batches and
     yield (index, postprocess(index, border-core map)) in loader order.
 
@@ -103,7 +128,7 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
     `in_flight` batches ahead, so memory stays bounded; a worker's error is raised here.
     """
     pending = deque()
-    for indices, maps in border_core_maps(model, loader, device, instances=postprocess.on_device):
+    for indices, maps in border_core_maps(model, loader, device, postprocess.on_device, precision, tile_batch):
         if pool is None:
             yield from zip(indices, map(postprocess, indices, maps))
             continue
@@ -115,49 +140,67 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
         yield from zip(done, result.get())
 
 
+def same_size_batches(shapes: list, batch_size: int, max_pixels: int = BATCH_PIXELS) -> list[list[int]]:
+    """Indices of frames in order, cut into batches of consecutive frames of one shape (frames of a sequence share
+    one; a collection's may not), at most `batch_size` frames and `max_pixels` pixels (but one frame) a batch.
+
+    >>> same_size_batches([(4, 4)] * 5 + [(8, 8)] * 2 + [(4, 4)], 2)
+    [[0, 1], [2, 3], [4], [5, 6], [7]]
+    """
+    batches = []
+    for index, shape in enumerate(shapes):
+        shape = tuple(shape)
+        last = batches[-1] if batches else None
+        if (last and tuple(shapes[last[0]]) == shape and len(last) < batch_size
+                and (len(last) + 1) * shape[0] * shape[1] <= max_pixels):
+            last.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
 def frames_loader(model: UNet, frames: list, scale: float | list[float], batch_size: int, num_workers: int,
-                  device: torch.device) -> DataLoader:
-    """Frames (files or arrays) as the model's view sees them, batched as the view allows."""
+                  device: torch.device, shapes: list | None = None) -> DataLoader:
+    """Frames (files or arrays) as the model's view sees them, in batches of up to `batch_size` consecutive frames
+    that the view sees at one size (same_size_batches). `shapes`: the frames' own shapes where known (else read from
+    the files' headers)."""
     dataset = UnlabelledFrames(frames, model.view, model.hparams.intensity, scale)
-    return DataLoader(dataset, batch_size=model.view.batch_size(batch_size), num_workers=num_workers,
+    if shapes is None:
+        shapes = [frame_shape(frame.image_path) if isinstance(frame, Frame) else np.shape(frame) for frame in frames]
+    scales = scale if isinstance(scale, (list, tuple)) else [scale] * len(frames)
+    inputs = [model.view.input_shape(shape, frame_scale) for shape, frame_scale in zip(shapes, scales)]
+    return DataLoader(dataset, batch_sampler=same_size_batches(inputs, batch_size), num_workers=num_workers,
                       pin_memory=device.type == "cuda")
 
 
-def estimate_cell_width(model: UNet, frames: list, device: torch.device, probes: int = 3) -> float:
+def estimate_cell_width(model: UNet, frames: list, device: torch.device, probes: int = 3, precision: str = "auto",
+                        batch_size: int = 8) -> float:
     """The cells' width in frames of unknown pixel size, px, the way Cellpose estimates a diameter by segmenting: a
-    few frames (first, middle, last) predicted at the scale their first measure suggests, the cells found measured.
-    One prediction per probe where the model's width fits, two where the frames must be rescaled. NaN where no cell
-    is found."""
+    few frames (first, middle, last) predicted once, at their own scale (the model's scale augmentation lets it find
+    cells of other widths than its own), the cells found measured. NaN where no cell is found."""
     picks = [frames[k] for k in sorted({0, len(frames) // 2, len(frames) - 1})][:probes]
-    measured, scale = float("nan"), 1.0
-    for _ in range(2):
-        loader = frames_loader(model, picks, scale, 1, 0, device)
-        widths = median_cell_width(model.instances(semantic) for _, batch in border_core_maps(model, loader, device)
-                                   for semantic in batch)
-        if not np.isfinite(widths) or widths <= 0:
-            break  # nothing found: keep what we have
-        measured = widths / scale
-        new_scale = float(np.clip(frame_scale(model.hparams.cell_width, measured), 0.25, 4.0))
-        if new_scale == scale:
-            break
-        scale = new_scale
-    return measured
+    loader = frames_loader(model, picks, 1.0, batch_size, 0, device)
+    width = median_cell_width(model.instances(semantic) for _, batch in
+                              border_core_maps(model, loader, device, precision=precision) for semantic in batch)
+    return width if np.isfinite(width) and width > 0 else float("nan")
 
 
 def sequence_scale(model: UNet, frames: list, device: torch.device, cell_width: float | None = None,
-                   each_frame: bool = False, say=print, name: str = "frames") -> float | list[float]:
+                   each_frame: bool = False, say=print, name: str = "frames",
+                   precision: str = "auto") -> float | list[float]:
     """The factor (or, with each_frame, one per frame) that brings the frames' cells to the model's width: from
-    `cell_width` where given, else estimated (estimate_cell_width); 1 for a model without a recorded scale."""
+    `cell_width` where given (nothing predicted), else estimated (estimate_cell_width); 1 for a model without a
+    recorded scale."""
     if not (model.view.rescales and model.hparams.cell_width):
         return 1.0
     if cell_width is None and each_frame:
-        widths = [estimate_cell_width(model, [frame], device) for frame in frames]
+        widths = [estimate_cell_width(model, [frame], device, precision=precision) for frame in frames]
         scales = [frame_scale(model.hparams.cell_width, width) for width in widths]
         say(f"{name}: cells {np.nanmin(widths):.1f}..{np.nanmax(widths):.1f} px wide (estimated per frame), model's "
             f"{model.hparams.cell_width:.1f} px: scales {min(scales):.2f}..{max(scales):.2f}")
         return scales
     how = "given" if cell_width is not None else "estimated"
-    width = cell_width if cell_width is not None else estimate_cell_width(model, frames, device)
+    width = cell_width if cell_width is not None else estimate_cell_width(model, frames, device, precision=precision)
     scale = frame_scale(model.hparams.cell_width, width)
     say(f"{name}: cells about {width:.1f} px wide ({how}), model's {model.hparams.cell_width:.1f} px: " +
         ("frames as they are" if scale == 1 else f"scale {scale:.2f}"))
@@ -165,20 +208,23 @@ def sequence_scale(model: UNet, frames: list, device: torch.device, cell_width: 
 
 
 def predict_images(model: UNet, images, cell_width: float | None = None, device: str | torch.device = "auto",
-                   progress=None, batch_size: int = 8) -> list[np.ndarray]:
+                   progress=None, batch_size: int = 8, precision: str = "auto",
+                   tile_batch: int | None = None) -> list[np.ndarray]:
     """Instance maps (uint32, at each image's own size) of 2-D images (arrays of any dtype), e.g. a movie's frames.
 
     cell_width: the cells' width in these images, px; None: estimated from them. `progress(done, total)` is called
-    after each frame."""
+    after each frame. batch_size: frames per batch (consecutive frames of one size); precision, tile_batch: see
+    border_core_maps."""
     device = pick_device(device) if isinstance(device, str) else device
     images = list(images)
-    scale = sequence_scale(model, images, device, cell_width, say=lambda line: None)
-    loader = frames_loader(model, images, scale, batch_size, 0, device)
-    postprocess = Postprocess(model, [np.shape(image) for image in images], native=True,
-                              on_device=device.type == "cuda")
+    shapes = [np.shape(image) for image in images]
+    scale = sequence_scale(model, images, device, cell_width, say=lambda line: None, precision=precision)
+    loader = frames_loader(model, images, scale, batch_size, 0, device, shapes)
+    postprocess = Postprocess(model, shapes, native=True, on_device=device.type == "cuda")
     results = [None] * len(images)
-    for done, (index, labels) in enumerate(predict_instance_segmentation_from_border_core(model, loader, device,
-                                                                                           postprocess), 1):
+    predictions = predict_instance_segmentation_from_border_core(model, loader, device, postprocess,
+                                                                 precision=precision, tile_batch=tile_batch)
+    for done, (index, labels) in enumerate(predictions, 1):
         results[index] = labels
         if progress:
             progress(done, len(images))
@@ -187,17 +233,21 @@ def predict_images(model: UNet, images, cell_width: float | None = None, device:
 
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
                      device: torch.device, pool=None, cell_width: float | None = None, native: bool = False,
-                     scale_each_frame: bool = False) -> int:
+                     scale_each_frame: bool = False, precision: str = "auto", tile_batch: int | None = None) -> int:
     """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames. cell_width: the
-    cells' width in these frames, px (None: estimated, once for the sequence or, with scale_each_frame, per frame)."""
+    cells' width in these frames, px (None: estimated, once for the sequence or, with scale_each_frame, per frame).
+    batch_size: frames per batch; precision, tile_batch: see border_core_maps."""
     frames = list_frames(root_dir, sequence, with_masks=False)
-    scale = sequence_scale(model, frames, device, cell_width, scale_each_frame, name=f"sequence {sequence}")
-    loader = frames_loader(model, frames, scale, batch_size, num_workers, device)
+    shapes = [frame_shape(f.image_path) for f in frames]
+    scale = sequence_scale(model, frames, device, cell_width, scale_each_frame, name=f"sequence {sequence}",
+                           precision=precision)
+    loader = frames_loader(model, frames, scale, batch_size, num_workers, device, shapes)
     out_folder = os.path.join(pred_dir, sequence)
     os.makedirs(out_folder, exist_ok=True)
-    postprocess = Postprocess(model, [frame_shape(f.image_path) for f in frames], [f.name for f in frames],
-                              out_folder, native, on_device=device.type == "cuda")
-    return sum(1 for _ in predict_instance_segmentation_from_border_core(model, loader, device, postprocess, pool))
+    postprocess = Postprocess(model, shapes, [f.name for f in frames], out_folder, native,
+                              on_device=device.type == "cuda")
+    return sum(1 for _ in predict_instance_segmentation_from_border_core(model, loader, device, postprocess, pool,
+                                                                         precision=precision, tile_batch=tile_batch))
 
 
 def old_predictions(pred_dir: str, sequence: str) -> list[str]:
@@ -250,7 +300,15 @@ def main(argv=None):
                         help="a .ckpt written by train.py (default: the bundled generalist model for rod-shaped "
                              "bacteria, models/bacteria_generalist.pt)")
     parser.add_argument("--pred_dir", default="pred")
-    parser.add_argument("--batch_size", type=positive_int, default=16, help="frames per batch (resized view)")
+    parser.add_argument("--batch_size", type=positive_int, default=16,
+                        help="frames per batch (consecutive frames the model sees at one size; a tiled-view model "
+                             "runs the tiles of all frames of a batch together)")
+    parser.add_argument("--tile_batch", type=positive_int, default=None,
+                        help="tiles per forward pass of a tiled-view model (default: "
+                             f"{TILES_PER_PASS['cpu']} on a CPU, {TILES_PER_PASS['cuda']} on a GPU)")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="the model's arithmetic: auto = bf16 on a GPU that supports it, else fp16 on a GPU, "
+                             "fp32 on a CPU")
     parser.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="loader processes that read and resize frames")
     parser.add_argument("--postprocess_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
@@ -261,7 +319,7 @@ def main(argv=None):
                              "default: estimated from a first prediction")
     parser.add_argument("--scale_each_frame", action="store_true",
                         help="without --cell_width: estimate the cells' width in every frame, not once per sequence "
-                             "(a collection of unrelated images, e.g. at several magnifications); 3 predictions "
+                             "(a collection of unrelated images, e.g. at several magnifications); 2 predictions "
                              "per frame instead of 1")
     parser.add_argument("--native", action="store_true",
                         help="also write the instance maps at each frame's own size: <seq>/mask<frame>.tif")
@@ -311,7 +369,7 @@ def predict_all(args, model: UNet, sequences: list[str]):
         for sequence in sequences:
             count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
                                      args.num_workers, device, pool, args.cell_width, args.native,
-                                     args.scale_each_frame)
+                                     args.scale_each_frame, args.precision, args.tile_batch)
             total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
     finally:

@@ -25,14 +25,15 @@ class Resized:
         """The frame as the model sees it, float32 on the 0..255 scale (`scale` does not apply)."""
         return resize_nearest(to_uint8_range(image, intensity), (self.input_size, self.input_size))
 
-    def logits(self, model, images: torch.Tensor) -> torch.Tensor:
+    def logits(self, model, images: torch.Tensor, tile_batch: int | None = None) -> torch.Tensor:
         return model(images)
 
     def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
         return resize_nearest(instances, size)
 
-    def batch_size(self, requested: int) -> int:
-        return requested
+    def input_shape(self, frame_shape, scale: float = 1.0) -> tuple[int, int]:
+        """The size of the frame as the model sees it (self.image's shape), known before the frame is read."""
+        return self.input_size, self.input_size
 
 
 class Tiled:
@@ -44,15 +45,18 @@ class Tiled:
     def image(self, image: np.ndarray, intensity: str, scale: float = 1.0) -> np.ndarray:
         return rescale(to_uint8_range(image, intensity), scale)
 
-    def logits(self, model, images: torch.Tensor) -> torch.Tensor:
-        return torch.stack([sliding_window_logits(model, image, self.tile_size, batch_size=self.tile_batch)
-                            for image in images])
+    def logits(self, model, images: torch.Tensor, tile_batch: int | None = None) -> torch.Tensor:
+        """Logits of a batch of frames of one size, their tiles `tile_batch` (default: the view's) per forward pass."""
+        return sliding_window_logits(model, images, self.tile_size, batch_size=tile_batch or self.tile_batch)
 
     def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
         return instances_at_score_size(instances, frame_shape, size)
 
-    def batch_size(self, requested: int) -> int:
-        return 1  # frames of a collection may differ in size; the tiles are batched instead
+    def input_shape(self, frame_shape, scale: float = 1.0) -> tuple[int, int]:
+        """The size of the frame as the model sees it (self.image's shape: data_files.rescale's rounding)."""
+        if scale == 1:
+            return tuple(frame_shape)
+        return max(1, round(frame_shape[0] * scale)), max(1, round(frame_shape[1] * scale))
 
 
 def view_of(hparams) -> Resized | Tiled:
