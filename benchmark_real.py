@@ -36,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -84,6 +85,7 @@ SPLITS = {
                              "c": [("usiigaci/b", slice(0, None))]},
 }
 DATASETS = [*SPLITS, "simulated"]
+VARIABLE = ("patches", "fine_tuned")  # the rows --variant renames
 
 
 def source_frames(real_dir: str, source: str, frames: slice):
@@ -111,6 +113,34 @@ def prepare(real_dir: str, dataset: str, data_root: str) -> str:
             write_sequence(root, sequence, [pair for source, frames in pieces
                                             for pair in source_frames(real_dir, source, frames)])
     return root
+
+
+def spread(count: int, total: int) -> list[int]:
+    """`count` frame indices spread evenly over `total` frames, first and last included: a subset that samples the
+    whole set (early sparse and late dense frames of a time-lapse; both kinds of Usiigaci field).
+
+    >>> spread(1, 12), spread(2, 12), spread(4, 12)
+    ([0], [0, 11], [0, 4, 7, 11])
+    """
+    return [int(i) for i in np.unique(np.round(np.linspace(0, total - 1, count)).astype(int))] if count > 1 else [0]
+
+
+def prepare_subset(root: str, frames: int) -> str:
+    """A data root beside `root` whose training sequence a holds `frames` of a's frames (`spread`), b and c the same."""
+    subset = f"{root}_{frames}frames"
+    if not os.path.isdir(subset):
+        staging = subset + ".partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        for sequence in ("a", "b", "c"):
+            listed = list_frames(root, sequence, with_masks=True)
+            kept = [listed[i] for i in spread(frames, len(listed))] if sequence == "a" else listed
+            write_sequence(staging, sequence, [(read_tiff_2d(f.image_path), read_mask(f.mask_path)) for f in kept])
+        os.replace(staging, subset)
+    return subset
+
+
+def training_frames(root: str) -> int:
+    return len(list_frames(root, "a", with_masks=True))
 
 
 def ceiling(root: str, sequence: str = "c") -> dict:
@@ -239,7 +269,8 @@ def predicted_every_frame(pred_dir: str, root: str, sequence: str = "c") -> bool
     return os.path.isdir(folder) and frames <= set(numbered_files(folder, NATIVE_PREDICTION_PATTERN))
 
 
-def cellpose_rows(root: str, run_dir: str, reference_cpu: float | None, every: int, max_cpu_seconds: float):
+def cellpose_rows(root: str, run_dir: str, reference_cpu: float | None, every: int, max_cpu_seconds: float,
+                  label: str = "cellpose ({epochs} epochs)"):
     checkpoints, train_command = train_cellpose(root, run_dir, max_cpu_seconds)
     python = cellpose_python(run_dir)
 
@@ -256,19 +287,24 @@ def cellpose_rows(root: str, run_dir: str, reference_cpu: float | None, every: i
                        "--root_dir", root, "--seqs", "c", "--pred_dir", pred_dir],
                       os.path.join(run_dir, f"predict_{checkpoint['epochs']:04d}.log"))
         write_score_size_predictions(pred_dir)
-        rows.append({"recipe": f"cellpose ({checkpoint['epochs']} epochs)", **test_scores(pred_dir, root),
+        rows.append({"recipe": label.format(epochs=checkpoint["epochs"]), **test_scores(pred_dir, root),
                      "cpu_seconds": checkpoint["cpu_seconds"], "wall_seconds": checkpoint["wall_seconds"],
                      "epochs": checkpoint["epochs"],
                      "command": f"{train_command}  # scored: {checkpoint['model']}"})
     return rows
 
 
+def subset_of(row: dict) -> int | None:
+    """The number of training frames of a learning-curve row (--frames), None for a row trained on all of them."""
+    return row.get("train_frames") if row.get("subset") else None
+
+
 def add_cellpose_at_equal_cpu(rows: list[dict]):
     """cellpose_at_equal_cpu and ahead_of_cellpose for every other trained row: Cellpose's Instance Dice (256) at the
     row's CPU-seconds, linear between its scored checkpoints (none outside their range)."""
     for row in rows:
-        peer = sorted((r["cpu_seconds"], r["dice_256"]) for r in rows
-                      if r["dataset"] == row["dataset"] and r["recipe"].startswith("cellpose"))
+        peer = sorted((r["cpu_seconds"], r["dice_256"]) for r in rows if r["dataset"] == row["dataset"]
+                      and r["recipe"].startswith("cellpose") and subset_of(r) == subset_of(row))
         cpu = row.get("cpu_seconds")
         if row["recipe"].startswith("cellpose") or not peer or cpu is None or not np.isfinite(cpu):
             continue
@@ -318,6 +354,30 @@ def format_value(value, digits: int = 4) -> str:
     return str(value)
 
 
+def tool_of(row: dict) -> str:
+    """The line a row belongs to in the plots: Cellpose's checkpoints are one tool, each of our recipes another; a
+    learning-curve row (--frames) belongs to its recipe's line."""
+    if row["recipe"].startswith("cellpose"):
+        return "Cellpose 3 (from scratch)"
+    return re.sub(r" \(\d+ frames\)$", "", row["recipe"])
+
+
+def learning_curve(rows: list[dict], dataset: str) -> dict:
+    """tool -> [(training frames, row)] of a dataset, by frames: the --frames rows and, for all frames, the tool's
+    full-data row (Cellpose's: its last checkpoint)."""
+    subsets = [row for row in rows if row["dataset"] == dataset and subset_of(row)]
+    tools = dict.fromkeys(tool_of(row) for row in subsets)
+    curves = {tool: [(row["train_frames"], row) for row in subsets if tool_of(row) == tool] for tool in tools}
+    for tool in tools:
+        full = [row for row in rows if row["dataset"] == dataset and not subset_of(row) and tool_of(row) == tool
+                and "train_frames" in row]
+        if full:
+            last = max(full, key=lambda row: row.get("epochs", 0))
+            curves[tool].append((last["train_frames"], last))
+        curves[tool].sort(key=lambda point: point[0])
+    return curves
+
+
 def results_markdown(rows: list[dict]) -> str:
     """The table of every dataset, its data and machine, each row's command below the table."""
     lines = ["Written by `python benchmark_real.py` (its docstring says what each column is). Test frames used for "
@@ -325,7 +385,7 @@ def results_markdown(rows: list[dict]) -> str:
              "own size; training CPU-seconds; *vs Cellpose*: the row's Instance Dice (256) minus Cellpose's at the "
              "same CPU-seconds, interpolated between its checkpoints.", ""]
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
-        group = [row for row in rows if row["dataset"] == dataset]
+        group = [row for row in rows if row["dataset"] == dataset and not subset_of(row)]
         lines += [f"### {dataset}", "", f"Data: `{group[0].get('data', '')}`. Machine: {group[0].get('machine', '')}.",
                   "", "| recipe | Instance Dice 256 | native | AP50 256 | AP50 native | training CPU-s | vs Cellpose |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -337,6 +397,21 @@ def results_markdown(rows: list[dict]) -> str:
         lines += ["", "Commands:", ""]
         lines += [f"- {row['recipe']}: `{row['command']}`" for row in group if row.get("command")]
         lines.append("")
+        curves = learning_curve(rows, dataset)
+        if curves:
+            lines += [f"Learning curve on {dataset}: trained on a few of the training frames (spread evenly over them), "
+                      "scored on the same test frames.", "",
+                      "| training frames | tool | Instance Dice 256 | native | AP50 256 | training CPU-s | epochs |",
+                      "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+            points = sorted((frames, tool, row) for tool, curve in curves.items() for frames, row in curve)
+            lines += [f"| {frames} | {tool} | {format_value(row.get('dice_256'))} | "
+                      f"{format_value(row.get('dice_native'))} | {format_value(row.get('ap50_256'))} | "
+                      f"{format_value(row.get('cpu_seconds'), 0)} | {row.get('epochs', '—')} |"
+                      for frames, tool, row in points]
+            lines += ["", "Commands:", ""]
+            lines += [f"- {row['recipe']}: `{row['command']}`" for _, _, row in points
+                      if row.get("command") and subset_of(row)]
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -352,9 +427,9 @@ def plot_race(rows: list[dict], path: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if not subset_of(row)]
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
-    tools = list(dict.fromkeys("Cellpose 3 (from scratch)" if row["recipe"].startswith("cellpose") else row["recipe"]
-                               for row in rows if row["recipe"] != "ceiling"))
+    tools = list(dict.fromkeys(tool_of(row) for row in rows if row["recipe"] != "ceiling"))
     colours = {tool: f"C{index % 10}" for index, tool in enumerate(tools)}  # one colour per tool in every panel
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
@@ -364,7 +439,7 @@ def plot_race(rows: list[dict], path: str):
             if row["recipe"] == "ceiling":
                 axis.axhline(row["dice_256"], color="grey", linestyle="--", linewidth=1, label="ceiling")
             elif np.isfinite(row.get("cpu_seconds", np.nan)):
-                tool = "Cellpose 3 (from scratch)" if row["recipe"].startswith("cellpose") else row["recipe"]
+                tool = tool_of(row)
                 lines.setdefault(tool, []).append((row["cpu_seconds"], row["dice_256"]))
         for tool, points in lines.items():
             cpu, dice = zip(*sorted(points))
@@ -375,6 +450,35 @@ def plot_race(rows: list[dict], path: str):
         axis.legend(fontsize=7, loc="lower right")
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
+    axes[0][0].set_ylabel("Instance Dice (256 × 256), test frames")
+    figure.tight_layout()
+    atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"), ".png.tmp")
+    plt.close(figure)
+
+
+def plot_learning_curves(rows: list[dict], path: str):
+    """Instance Dice (256) against the number of training frames, a panel per dataset with a learning curve."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {dataset: learning_curve(rows, dataset) for dataset in dict.fromkeys(row["dataset"] for row in rows)}
+    curves = {dataset: tools for dataset, tools in curves.items() if tools}
+    if not curves:
+        return
+    names = list(dict.fromkeys(tool for tools in curves.values() for tool in tools))
+    figure, axes = plt.subplots(1, len(curves), figsize=(4.5 * len(curves), 3.6), squeeze=False)
+    for axis, (dataset, tools) in zip(axes[0], curves.items()):
+        for tool, points in tools.items():
+            frames = [frames for frames, _ in points]
+            axis.plot(frames, [row["dice_256"] for _, row in points], marker="o", markersize=4, label=tool,
+                      color=f"C{names.index(tool) % 10}")
+        axis.set_xscale("log", base=2)
+        axis.set_title(dataset)
+        axis.set_xlabel("annotated training frames")
+        axis.set_ylim(0, 1)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7, loc="lower right")
     axes[0][0].set_ylabel("Instance Dice (256 × 256), test frames")
     figure.tight_layout()
     atomic_write(path, lambda temporary: figure.savefig(temporary, dpi=110, format="png"), ".png.tmp")
@@ -392,6 +496,12 @@ def main(argv=None):
     parser.add_argument("--faithful_epochs", type=int, default=100, help="docs/baseline.md §4: 100 (default %(default)s)")
     parser.add_argument("--patch_args", default="", help="extra train.py arguments of the patch recipe")
     parser.add_argument("--generalist", default=None, help="a checkpoint for the zero-shot and fine-tuned rows")
+    parser.add_argument("--variant", default="",
+                        help="a name for a variant of the patch and fine-tuned rows made by --patch_args: its rows and "
+                             "run folders carry the name, beside the recipe's own (default: none)")
+    parser.add_argument("--frames", default="",
+                        help="learning curve: also train the patch, fine-tuned and cellpose rows on this many of the "
+                             "training frames, spread evenly (comma-separated, e.g. 1,2,4,8) (default: none)")
     parser.add_argument("--cellpose_max_cpu_seconds", type=float, default=0,
                         help="stop Cellpose's training after the first checkpoint past this (0: its 500 epochs) "
                              "(default %(default)s)")
@@ -399,10 +509,19 @@ def main(argv=None):
                         help="score Cellpose's checkpoint every this many epochs besides the budgets "
                              "(default %(default)s)")
     parser.add_argument("--plot", default="readme_imgs/peer_race.png", help="(default %(default)s)")
+    parser.add_argument("--curve_plot", default="readme_imgs/learning_curve.png",
+                        help="the learning curves' plot, where --frames rows exist (default %(default)s)")
     parser.add_argument("--results_md", default="docs/results.md",
                         help=f"the table goes between {RESULTS_START} and {RESULTS_END} here (default %(default)s)")
     args = parser.parse_args(argv)
     datasets, recipes = args.datasets.split(","), args.recipes.split(",")
+    if args.variant and not re.fullmatch(r"[\w+=.-]+", args.variant):
+        sys.exit(f"error: --variant: {args.variant!r}: use letters, digits and _+=.- only")
+    try:
+        subset_sizes = [int(n) for n in args.frames.split(",") if n]
+        assert all(n >= 1 for n in subset_sizes)
+    except (ValueError, AssertionError):
+        sys.exit(f"error: --frames: {args.frames!r}: positive whole numbers, comma-separated")
     unknown = sorted(set(datasets) - set(DATASETS))
     if unknown:
         sys.exit(f"error: --datasets: unknown {','.join(unknown)} (known: {','.join(DATASETS)})")
@@ -417,19 +536,21 @@ def main(argv=None):
         except DataError as error:
             sys.exit(f"error: {error}")
         out = os.path.join(args.out_dir, dataset)
+        suffix = "_" + args.variant if args.variant else ""
         todo = {
             "ceiling": lambda: ceiling(root),
             "faithful": lambda: train_and_score(root, os.path.join(out, "faithful"), [
                 *FAITHFUL_FLAGS, "--num_epochs", str(args.faithful_epochs)]),
-            "patches": lambda: train_and_score(root, os.path.join(out, "patches"), [
+            "patches": lambda: train_and_score(root, os.path.join(out, "patches" + suffix), [
                 *PATCHES_FLAGS, *args.patch_args.split()]),
         }
         if args.generalist:
             todo["zero_shot"] = lambda: score(root, args.generalist, os.path.join(out, "zero_shot", "pred"),
                                               os.path.join(out, "zero_shot"))
-            todo["fine_tuned"] = lambda: train_and_score(root, os.path.join(out, "fine_tuned"), [
+            todo["fine_tuned"] = lambda: train_and_score(root, os.path.join(out, "fine_tuned" + suffix), [
                 *PATCHES_FLAGS, "--init_from", args.generalist, *args.patch_args.split()])
-        context = {"dataset": dataset, "data": os.path.relpath(root, ROOT), "machine": machine_name()}
+        context = {"dataset": dataset, "data": os.path.relpath(root, ROOT), "machine": machine_name(),
+                   "train_frames": training_frames(root)}
         for recipe in recipes:
             if recipe == "cellpose":
                 ours = [r for r in merge_rows(previous, rows) if r["dataset"] == dataset and r["recipe"] == "patches"]
@@ -439,6 +560,7 @@ def main(argv=None):
                     args.cellpose_score_every, args.cellpose_max_cpu_seconds)]
             elif recipe in todo:
                 label = f"faithful ({args.faithful_epochs} epochs)" if recipe == "faithful" else recipe
+                label += f" {args.variant}" if args.variant and recipe in VARIABLE else ""
                 print(f"{dataset}: {label} ...", flush=True)
                 new = [{**context, "recipe": label, **todo[recipe]()}]
             else:
@@ -447,7 +569,36 @@ def main(argv=None):
             for row in new:
                 print(f"  {row['recipe']}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                         if isinstance(v, float)), flush=True)
-    rows = merge_rows(previous, rows)
+        for frames in subset_sizes:
+            if frames >= context["train_frames"]:
+                continue
+            subset = prepare_subset(root, frames)
+            subset_context = {**context, "data": os.path.relpath(subset, ROOT), "train_frames": frames, "subset": True}
+            for recipe in recipes:
+                folder = os.path.join(out, f"{recipe}{'_' + args.variant if args.variant else ''}_{frames}frames")
+                if recipe == "cellpose":
+                    print(f"{dataset}: cellpose on {frames} frames ...", flush=True)
+                    new = [{**subset_context, **row} for row in cellpose_rows(
+                        subset, os.path.join(out, f"cellpose_{frames}frames"), None, 0, args.cellpose_max_cpu_seconds,
+                        f"cellpose ({frames} frames, {{epochs}} epochs)")]
+                elif recipe == "fine_tuned" and args.generalist:
+                    label = f"fine_tuned{' ' + args.variant if args.variant else ''} ({frames} frames)"
+                    print(f"{dataset}: {label} ...", flush=True)
+                    new = [{**subset_context, "recipe": label, **train_and_score(subset, folder, [
+                        *PATCHES_FLAGS, "--init_from", args.generalist, *args.patch_args.split()])}]
+                elif recipe == "patches":
+                    label = f"patches{' ' + args.variant if args.variant else ''} ({frames} frames)"
+                    print(f"{dataset}: {label} ...", flush=True)
+                    new = [{**subset_context, "recipe": label, **train_and_score(
+                        subset, folder, [*PATCHES_FLAGS, *args.patch_args.split()])}]
+                else:
+                    continue
+                rows += new
+                for row in new:
+                    print(f"  {row['recipe']}: dice_256 {row['dice_256']:.4f}, cpu_seconds "
+                          f"{row.get('cpu_seconds', float('nan')):.0f}", flush=True)
+    # read again: another call may have written its rows meanwhile
+    rows = merge_rows(json.load(open(table_path)) if os.path.isfile(table_path) else [], rows)
     add_cost_to_beat_faithful(rows, args.out_dir)
     add_cellpose_at_equal_cpu(rows)
     table = pd.DataFrame(rows)
@@ -459,6 +610,8 @@ def main(argv=None):
     atomic_write(table_path, write_json, ".tmp")
     if args.plot:
         plot_race(rows, args.plot)
+    if args.curve_plot:
+        plot_learning_curves(rows, args.curve_plot)
     if args.results_md:
         write_results_block(args.results_md, results_markdown(rows))
     shown = [c for c in ("dataset", "recipe", "dice_256", "dice_native", "ap50_256", "ap50_native", "cpu_seconds",

@@ -37,6 +37,7 @@ class Recipe:
     turn: bool = True                 # rotations and mirrors (off for masks at a fixed offset from the cells)
     photometric: bool = True          # gamma, contrast, brightness, blur and noise (off for one microscope, one setting)
     contact_weight: float = 0.0       # extra loss weight where touching cells meet (the U-Net paper's weight map)
+    dice_weight: float = 0.0          # loss = cross-entropy + this x soft Dice of border and core (unet.soft_dice_loss)
     min_ceiling: float = 0.97         # tiled view, from scratch: enlarge frames until the border-core representation
                                       # holds the training cells this well (scale.representable_width; 0: own scale)
     ema_decay: float = 0.0            # exponential moving average of the weights (0: off)
@@ -54,6 +55,7 @@ class Recipe:
                 isinstance(self.fine_tune_lr, (int, float)) and self.fine_tune_lr > 0),
             "widths": len(self.widths) >= 2 and all(isinstance(w, int) and w > 0 for w in self.widths),
             "patches_per_epoch": self.patches_per_epoch >= 1, "contact_weight": self.contact_weight >= 0,
+            "dice_weight": self.dice_weight >= 0,
             "ema_decay": 0 <= self.ema_decay < 1, "min_steps": self.min_steps >= 0,
             "min_ceiling": 0 <= self.min_ceiling <= 1,
             "early_stopping_patience": self.early_stopping_patience >= 0,

@@ -122,7 +122,7 @@ def build(args, recipe, init: UNet | None) -> tuple[CellDataModule, UNet]:
         say(f"{args.init_from}: keeps its widths {tuple(init.hparams.widths)} (the recipe's are {recipe.widths})")
     model = UNet(lr=recipe.lr, num_epochs=recipe.num_epochs, view=recipe.view, input_size=recipe.input_size,
                  tile_size=recipe.tile_size, cell_width=cell_width, intensity=recipe.intensity,
-                 choose_size_filter=recipe.size_filter, **kept)
+                 choose_size_filter=recipe.size_filter, dice_weight=recipe.dice_weight, **kept)
     if init is not None:
         model.load_state_dict(init.state_dict())
     return data, model

@@ -196,3 +196,48 @@ def test_an_interrupted_prediction_is_not_taken_for_a_whole_one(tmp_path):
     assert benchmark_real.predicted_every_frame(pred_dir, root)
     os.remove(os.path.join(pred_dir, "c", prediction_name(2, native=True)))
     assert not benchmark_real.predicted_every_frame(pred_dir, root)
+
+
+def test_spread_subsets_sample_the_whole_training_sequence():
+    assert doctest.testmod(benchmark_real).failed == 0
+    assert benchmark_real.spread(8, 30) == [0, 4, 8, 12, 17, 21, 25, 29]
+    assert benchmark_real.spread(5, 5) == [0, 1, 2, 3, 4]
+
+
+def test_a_learning_curve_subset_keeps_the_chosen_training_frames_and_every_other_frame(tmp_path):
+    root = write_dataset(str(tmp_path / "data"), frames=6, shape=(40, 44))
+    subset = benchmark_real.prepare_subset(root, 2)
+    assert subset == root + "_2frames" and not os.path.exists(subset + ".partial")
+    images = lambda r, s: [tifffile.imread(f.image_path) for f in list_frames(r, s, with_masks=True)]
+    kept, whole = images(subset, "a"), images(root, "a")
+    assert len(kept) == 2 and np.array_equal(kept[0], whole[0]) and np.array_equal(kept[1], whole[5])
+    for sequence in "bc":
+        assert all(np.array_equal(x, y) for x, y in zip(images(subset, sequence), images(root, sequence)))
+        assert len(images(subset, sequence)) == 6
+    assert benchmark_real.training_frames(subset) == 2
+
+
+def test_learning_curve_rows_get_their_own_table_and_plot_and_stay_out_of_the_race(tmp_path):
+    rows = [{"dataset": "u", "recipe": "fine_tuned", "train_frames": 30, "dice_256": 0.7, "cpu_seconds": 900.0},
+            {"dataset": "u", "recipe": "fine_tuned (1 frames)", "train_frames": 1, "subset": True, "dice_256": 0.4,
+             "cpu_seconds": 500.0, "command": "python train.py one"},
+            {"dataset": "u", "recipe": "cellpose (41 epochs)", "train_frames": 30, "dice_256": 0.62,
+             "cpu_seconds": 1300.0, "epochs": 41},
+            {"dataset": "u", "recipe": "cellpose (21 epochs)", "train_frames": 30, "dice_256": 0.46,
+             "cpu_seconds": 690.0, "epochs": 21},
+            {"dataset": "u", "recipe": "cellpose (1 frames, 500 epochs)", "train_frames": 1, "subset": True,
+             "dice_256": 0.3, "cpu_seconds": 480.0, "epochs": 500}]
+    curves = benchmark_real.learning_curve(rows, "u")
+    assert {tool: [(f, r["dice_256"]) for f, r in points] for tool, points in curves.items()} == {
+        "fine_tuned": [(1, 0.4), (30, 0.7)], "Cellpose 3 (from scratch)": [(1, 0.3), (30, 0.62)]}
+    benchmark_real.add_cellpose_at_equal_cpu(rows)
+    # all frames against Cellpose on all frames (690 -> 0.46, 1300 -> 0.62); one frame only against one frame's
+    assert rows[0]["cellpose_at_equal_cpu"] == pytest.approx(0.46 + 0.16 * 210 / 610)
+    assert "cellpose_at_equal_cpu" not in rows[1]  # 500 CPU-s is outside the one-frame peer's only point (480)
+    text = benchmark_real.results_markdown(rows)
+    main_table = text.split("Learning curve")[0]
+    assert "(1 frames" not in main_table and "| 1 | fine_tuned | 0.4000 |" in text
+    assert "| 30 | Cellpose 3 (from scratch) | 0.6200 |" in text and "- fine_tuned (1 frames): `python train.py one`" in text
+    path = str(tmp_path / "curve.png")
+    benchmark_real.plot_learning_curves(rows, path)
+    assert __import__("matplotlib.image", fromlist=["imread"]).imread(path).shape[1] == pytest.approx(4.5 * 110, abs=2)
