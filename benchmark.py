@@ -3,11 +3,17 @@
     python benchmark.py                                   # simulated dense 512 x 512 colony, CPU or GPU
     python benchmark.py --root_dir DATA --seq c           # frames of your own data root (GT needed for the first rows)
     python benchmark.py --json bench.json --frames 32
+    python benchmark.py --only inference --num_frames 800 --size 512       # old vs new inference only (a GPU's run)
 
 Rows: border-core targets (vs a per-instance erosion loop), instances_from_border_core (vs acvl-utils 0.2.6),
 instance_dice (vs acvl-utils' matching), the training loader (cached vs decoding and computing targets per item) and
-the training step alone, inference end to end (model + overlapped postprocessing and writing) vs the model alone, and
-tracking: linking consecutive GT frames into tracks (track.link_tracks; no straightforward version to compare with).
+the training step alone, inference end to end (model + overlapped postprocessing and writing) vs the model alone,
+tracking: linking consecutive GT frames into tracks (track.link_tracks; no straightforward version to compare with),
+the bundled model's inference frame by frame (the old path: one frame per batch, 4 tiles per forward pass, fp16 on a
+GPU) against batched inference (the new path: --batch_size frames per batch, their tiles together, bf16 on a GPU):
+reading + model, postprocessing and end to end, outputs checked equal (on a GPU, where the precisions differ, their
+agreement reported), with the FLOPs of a frame's forward passes and the share of the chip's bf16 peak they reach; then
+every shipped model alone, postprocessed and end to end.
 Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
 """
 import argparse
@@ -15,6 +21,7 @@ import json
 import multiprocessing
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -28,15 +35,21 @@ from torch.utils.data import DataLoader, Dataset
 import simulate
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
 from cli_types import HelpFormatter, Renamed
-from data_files import list_frames, read_mask, read_tiff_2d, write_marked_block, write_sequence
+from data_files import frame_shape, list_frames, read_mask, read_tiff_2d, write_marked_block, write_sequence
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
 from energy import EnergyMeter
-from inference import BUNDLED_MODEL, MODELS_DIR, border_core_maps, pick_device, predict_images, predict_sequence
+from inference import (BUNDLED_MODEL, MODELS_DIR, TILES_PER_PASS, autocast_dtype, border_core_maps, frames_loader,
+                       pick_device, predict_images, predict_sequence)
 from metrics import instance_dice
 from postprocess_torch import instances_from_border_core_torch
 from track import link_tracks
 from unet import UNet, load_model
+
+# dense bf16 tensor-core peaks (no sparsity), TFLOP/s, from the vendor's data sheets; the first name found in the
+# device's name counts (BENCHMARK_PEAK_TFLOPS overrides)
+PEAK_BF16_TFLOPS = (("H200", 989.4), ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H100", 989.4), ("GH200", 989.4),
+                    ("A100", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("L4", 121.0))
 
 # the models in models/, the bundled one first: the others' speed-up is over it
 SHIPPED_MODELS = [BUNDLED_MODEL] + sorted(os.path.join(MODELS_DIR, name) for name in
@@ -253,6 +266,115 @@ def inference_rows(root, sequence, input_size, batch_size, device, workers):
                 f"reading, postprocessing and writing add {100 * share:.0f} % of the wall time")]
 
 
+def inference_paths(device, batch_size: int) -> dict:
+    """The old and the new inference path, as predict_sequence's arguments."""
+    return {"frame by frame (old)": dict(batch_size=1, tile_batch=4,
+                                         precision="fp16" if device.type == "cuda" else "fp32"),
+            "batched (new)": dict(batch_size=batch_size, tile_batch=None, precision="auto")}
+
+
+def peak_bf16_flops(device) -> float | None:
+    """The chip's dense bf16 peak, FLOP/s; None where unknown (a CPU, an unlisted GPU)."""
+    if os.environ.get("BENCHMARK_PEAK_TFLOPS"):
+        return float(os.environ["BENCHMARK_PEAK_TFLOPS"]) * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def frame_flops(model, image: torch.Tensor, device, tile_batch: int | None) -> float:
+    """FLOPs of the forward passes that predict one frame (a multiply-add counted as 2; tiles' overlap included)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        list(border_core_maps(model, [(image[None], torch.tensor([0]))], device, precision="fp32",
+                              tile_batch=tile_batch))
+    return float(counter.get_total_flops())
+
+
+def read_predictions(folder: str) -> dict:
+    return {name: read_tiff_2d(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+def batched_inference_rows(root, sequence, model_path, batch_size, device, workers, pool) -> tuple[list, dict]:
+    """The old and the new inference path of one model on a sequence's frames at their own scale (the model told the
+    cells' width, so no scale is estimated): reading + model, postprocessing alone (as each path does it: numpy per
+    frame on a CPU, torch on the device in the path's batches on a GPU), end to end (predict_sequence with the
+    postprocessing pool, files written). Rows and a summary per path (frames/s, Wh/frame, FLOPs, share of the peak)."""
+    model = load_model(model_path)
+    cuda = device.type == "cuda"
+    frames = list_frames(root, sequence, with_masks=False)
+    shapes = [frame_shape(f.image_path) for f in frames]
+    n, hparams = len(frames), model.hparams
+    thresholds = (hparams.small_center_threshold, hparams.isolated_border_threshold, hparams.min_area_fraction)
+    peak = peak_bf16_flops(device)
+    name = os.path.basename(model_path)
+    rows, summary, maps, written, baseline = [], {}, {}, {}, {}
+    for path_name, path in inference_paths(device, batch_size).items():
+        loader = frames_loader(model, frames, 1.0, path["batch_size"], workers, device, shapes)
+        arguments = dict(precision=path["precision"], tile_batch=path["tile_batch"])
+        if cuda:  # warm-up: CUDA context, cudnn's choice for every batch shape
+            for _ in border_core_maps(model, loader, device, **arguments):
+                pass
+        else:
+            list(border_core_maps(model, [(torch.zeros(1, 1, 64, 64), torch.tensor([0]))], device))
+        with Stage(device) as model_stage:
+            maps[path_name] = [m for _, batch in border_core_maps(model, loader, device, **arguments) for m in batch]
+        with Stage(device) as post_stage:
+            if cuda:
+                for start in range(0, n, path["batch_size"]):
+                    batch = torch.from_numpy(np.stack(maps[path_name][start:start + path["batch_size"]])).to(device)
+                    instances_from_border_core_torch(batch, *thresholds).cpu()
+            else:
+                for semantic in maps[path_name]:
+                    instances_from_border_core(semantic, *thresholds)
+        pred_dir = tempfile.mkdtemp(prefix="benchmark-")
+        with Stage(device) as end_stage:
+            predict_sequence(model, root, sequence, pred_dir, path["batch_size"], workers, device, pool,
+                             hparams.cell_width, **arguments)
+        written[path_name] = read_predictions(os.path.join(pred_dir, sequence))
+        shutil.rmtree(pred_dir)
+        image = next(iter(frames_loader(model, frames[:1], 1.0, 1, 0, device, shapes[:1])))[0][0]
+        flops = frame_flops(model, image, device, path["tile_batch"])
+        model_fps = n / model_stage.seconds
+        dtype = autocast_dtype(device, path["precision"])
+        tiles = path["tile_batch"] or TILES_PER_PASS.get(device.type, TILES_PER_PASS["cpu"])
+        how = (f"{path['batch_size']} frame(s) a batch, {tiles} tiles a pass, "
+               f"{ {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]}")
+        summary[path_name] = {
+            **arguments, "batch_size": path["batch_size"], "frames": n, "frame_shape": list(shapes[0]),
+            "model_frames_per_s": model_fps, "postprocessing_frames_per_s": n / post_stage.seconds,
+            "end_to_end_frames_per_s": n / end_stage.seconds,
+            "wh_per_frame": (end_stage.energy_wh() / n) if end_stage.energy_wh() is not None else None,
+            "model_wh_per_frame": (model_stage.energy_wh() / n) if model_stage.energy_wh() is not None else None,
+            "gflop_per_frame": flops / 1e9, "model_tflop_per_s": flops * model_fps / 1e12,
+            "peak_bf16_tflop_per_s": peak / 1e12 if peak else None,
+            "share_of_peak": flops * model_fps / peak if peak else None}
+        chip = f", {100 * summary[path_name]['share_of_peak']:.2f} % of the chip's bf16 peak" if peak else ""
+        for stage_name, stage, note in (
+                ("reading + model", model_stage, f"{flops / 1e9:.1f} GFLOP/frame, "
+                                                 f"{flops * model_fps / 1e12:.3f} TFLOP/s{chip}"),
+                ("postprocessing", post_stage, "torch on the device" if cuda else "numpy per frame"),
+                ("end to end (+ reading, writing)", end_stage, "postprocessing pool, files written")):
+            per_frame = stage.seconds / n
+            rows.append(row(f"{name} inference {path_name}: {stage_name}", per_frame, stage,
+                            baseline.get(stage_name), f"{note}; {how}"))
+            baseline.setdefault(stage_name, per_frame)
+    old, new = maps.values()
+    old_files, new_files = written.values()
+    if cuda:  # fp16 against bf16: the same frames, nearly the same maps
+        agree = np.mean([np.mean(a == b) for a, b in zip(old, new)])
+        summary["map_agreement"] = float(agree)
+        rows[-1]["note"] += f"; old and new maps agree on {100 * agree:.2f} % of the pixels (fp16 vs bf16)"
+    else:
+        assert all(np.array_equal(a, b) for a, b in zip(old, new)), "batched maps differ from frame by frame"
+        assert old_files.keys() == new_files.keys() and all(np.array_equal(old_files[k], new_files[k])
+                                                            for k in old_files), "batched predictions differ"
+        rows[-1]["note"] += "; identical maps and files"
+    return rows, summary
+
+
 def shipped_model_rows(images, device, paths) -> list[dict]:
     """The shipped models on the same frames, each seeing them at its own scale (cells given as its own width, so
     every model sees the frames' pixels as they are): the model alone (reading, tiling, forward, argmax),
@@ -291,15 +413,40 @@ def tracking_rows(masks, device):
                 f"{len(tracks)} tracks over {len(masks)} consecutive frames; memory: all frames' track maps")]
 
 
+def frame_size(text: str) -> tuple[int, int]:
+    """512 -> (512, 512); 1022x1024 -> (1022, 1024)."""
+    try:
+        sides = tuple(int(side) for side in text.lower().split("x"))
+    except ValueError:
+        sides = ()
+    if len(sides) not in (1, 2) or min(sides) < 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: a side (512) or height x width (1022x1024), at least 16 px")
+    return sides * 2 if len(sides) == 1 else sides
+
+
+# distinct simulated frames at most (the last ones of a 120-frame movie, its densest); more are repeated in turn
+DISTINCT_FRAMES = 100
+
+
+def simulated_frames(size, count: int, seed: int) -> list:
+    distinct = min(count, DISTINCT_FRAMES)
+    movie = [(image, labels) for image, labels, _ in simulate.simulate_sequence(120, size, seed)][-distinct:]
+    return [movie[k % distinct] for k in range(count)]
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--root_dir", default=None, help="data root (default: simulate a dense colony)")
     parser.add_argument("--seq", default="c", help="sequence with GT to take frames from")
     parser.add_argument("--num_frames", "--frames", dest="num_frames", action=Renamed, type=int, default=16,
-                        help="frames per stage")
-    parser.add_argument("--size", type=int, default=512, help="frame size of the simulated colony")
+                        help=f"frames per stage (simulated: at most {DISTINCT_FRAMES} distinct ones, repeated)")
+    parser.add_argument("--size", type=frame_size, default=(512, 512),
+                        help="frame size of the simulated colony: a side or height x width (1022x1024)")
     parser.add_argument("--input_size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--only", choices=["all", "inference"], default="all",
+                        help="inference: only the old and the new inference path of the bundled model")
+    parser.add_argument("--model", default=BUNDLED_MODEL, help="the model of the old-and-new inference rows")
     parser.add_argument("--num_workers", "--workers", dest="num_workers", action=Renamed, type=int,
                         default=min(4, os.cpu_count() or 1), help="loader processes")
     parser.add_argument("--device", default="auto")
@@ -315,34 +462,47 @@ def main(argv=None):
         root = args.root_dir
         if root is None:  # one dense simulated sequence in the challenge layout
             root = os.path.join(scratch, "data")
-            movie = list(simulate.simulate_sequence(120, (args.size, args.size), args.seed))[-args.num_frames:]
-            write_sequence(root, args.seq, [(image, labels) for image, labels, _ in movie])
+            write_sequence(root, args.seq, simulated_frames(args.size, args.num_frames, args.seed))
         frames = list_frames(root, args.seq, with_masks=True)[-args.num_frames:]
-        masks = [read_mask(f.mask_path) for f in frames]
+        masks = [read_mask(f.mask_path) for f in frames[:DISTINCT_FRAMES]]
         cells = int(np.mean([len(np.unique(m)) - 1 for m in masks]))
-        rows = postprocessing_rows(masks, device)
-        rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
-        rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
-        rows += tracking_rows(masks, device)
+        rows, summary = [], {}
+        if args.only == "all":
+            rows += postprocessing_rows(masks, device)
+            rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
+            rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
+            rows += tracking_rows(masks, device)
+        if os.path.isfile(args.model):
+            sequence = args.seq
+            if len(frames) < len(list_frames(root, args.seq, with_masks=False)):  # the chosen frames only
+                sequence = "benchmark_frames"
+                write_sequence(os.path.join(scratch, "chosen"), sequence,
+                               ((read_tiff_2d(f.image_path), None) for f in frames), with_gt=False)
+            inference_root = os.path.join(scratch, "chosen") if sequence != args.seq else root
+            with multiprocessing.get_context("fork").Pool(max(1, args.num_workers)) as pool:
+                batched_rows, summary = batched_inference_rows(inference_root, sequence, args.model,
+                                                               args.batch_size, device, args.num_workers, pool)
+            rows += batched_rows
         shipped = [path for path in SHIPPED_MODELS if os.path.isfile(path)]
-        if shipped:
+        if shipped and args.only == "all":
             rows += shipped_model_rows([read_tiff_2d(f.image_path) for f in frames[:4]], device, shipped)
 
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-               "frames": len(masks), "frame_size": list(masks[0].shape), "cells_per_frame": cells,
+               "frames": len(frames), "frame_size": list(masks[0].shape), "cells_per_frame": cells,
                "input_size": args.input_size}
     print(f"machine: {machine}")
-    print(f"{'stage':<52}{'frames/s':>10}{'ms/frame':>10}{'speed-up':>10}{'peak MiB':>10}{'Wh':>10}  note")
+    width = max(52, *(len(r["stage"]) + 1 for r in rows))
+    print(f"{'stage':<{width}}{'frames/s':>10}{'ms/frame':>10}{'speed-up':>10}{'peak MiB':>10}{'Wh':>10}  note")
     for r in rows:
         speedup = f"{r['speedup']:.1f}x" if r["speedup"] else ""
         energy = f"{r['energy_wh']:.4f}" if r["energy_wh"] is not None else "n/m"
-        print(f"{r['stage']:<52}{r['frames_per_s']:>10.1f}{r['ms_per_frame']:>10.2f}{speedup:>10}"
+        print(f"{r['stage']:<{width}}{r['frames_per_s']:>10.1f}{r['ms_per_frame']:>10.2f}{speedup:>10}"
               f"{r['peak_mib']:>10.1f}{energy:>10}  {r['note']}")
     if all(r["energy_wh"] is None for r in rows):
         print("energy: not measurable here (n/m)")
     with open(args.json, "w") as file:
-        json.dump({"machine": machine, "rows": rows}, file, indent=2)
+        json.dump({"machine": machine, "rows": rows, "inference": summary}, file, indent=2)
     print(f"wrote {args.json}")
     if args.results_md:
         write_marked_block(args.results_md, "benchmark", results_markdown(machine, rows, argv))

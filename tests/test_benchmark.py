@@ -18,6 +18,9 @@ EXPECTED_ROWS = [
     "inference, reading + model only", "inference end to end (+ postprocessing, writing)",
     "tracking, linking",
 ]
+OLD_AND_NEW = [f"bacteria_generalist.pt inference {path}: {stage}"
+               for path in ("frame by frame (old)", "batched (new)")
+               for stage in ("reading + model", "postprocessing", "end to end (+ reading, writing)")]
 
 
 @pytest.mark.slow
@@ -27,12 +30,13 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
                     "--json", str(out)])
     result = json.loads(out.read_text())
     stages = [r["stage"] for r in result["rows"]]
-    assert stages[:len(EXPECTED_ROWS)] == EXPECTED_ROWS
+    assert stages[:len(EXPECTED_ROWS) + len(OLD_AND_NEW)] == EXPECTED_ROWS + OLD_AND_NEW
     # then the shipped models, each alone, postprocessed and end to end
     shipped = [path for path in benchmark.SHIPPED_MODELS if os.path.isfile(path)]
-    assert len(stages) == len(EXPECTED_ROWS) + 3 * len(shipped)
+    assert len(stages) == len(EXPECTED_ROWS) + len(OLD_AND_NEW) + 3 * len(shipped)
+    first = len(EXPECTED_ROWS) + len(OLD_AND_NEW)
     assert all(stage.startswith(os.path.basename(path)) for path in shipped
-               for stage in stages[len(EXPECTED_ROWS):][3 * shipped.index(path):3 * shipped.index(path) + 3])
+               for stage in stages[first:][3 * shipped.index(path):3 * shipped.index(path) + 3])
     # each fast path is compared with its straightforward version (how much faster is the benchmark's figure, not the
     # test's: timings on a shared machine say nothing here)
     speedups = {r["stage"]: r["speedup"] for r in result["rows"]}
@@ -68,6 +72,51 @@ def test_benchmark_gpu_script_runs_both_recipes_and_writes_the_table(tmp_path):
     inference = [cells for name, cells in rows.items() if "output" in name]
     assert len(inference) == 3 and all(float(cells[0]) > 0 for cells in inference)
     assert "6 frames on" in table  # a's and b's frames, once
+
+
+def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path, capsys):
+    """--only inference: the bundled model frame by frame and batched on 3 frames in batches of 2 (the last one
+    smaller), frames larger than a tile; the benchmark's own asserts check the maps and files equal on a CPU."""
+    out = tmp_path / "bench.json"
+    benchmark.main(["--only", "inference", "--num_frames", "3", "--size", "72x300", "--batch_size", "2",
+                    "--num_workers", "0", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert [r["stage"] for r in result["rows"]] == OLD_AND_NEW
+    assert result["rows"][-1]["note"].endswith("identical maps and files")
+    assert all(r["speedup"] is not None for r in result["rows"][3:])  # the new path against the old one
+    old, new = result["inference"]["frame by frame (old)"], result["inference"]["batched (new)"]
+    assert (old["batch_size"], old["tile_batch"], new["batch_size"]) == (1, 4, 2)
+    assert old["frames"] == new["frames"] == 3 and new["frame_shape"] == [72, 300]
+    # 72 x 300 at the model's 256 px tiles: padded to 72 x 304, two tiles of 72 x 256; the counted FLOPs are those of
+    # the two tiles' forward passes
+    from torch.utils.flop_counter import FlopCounterMode
+    import torch
+    from unet import load_model
+
+    model = load_model(benchmark.BUNDLED_MODEL)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(2, 1, 72, 256))
+    assert new["gflop_per_frame"] == pytest.approx(counter.get_total_flops() / 1e9)
+    assert new["share_of_peak"] is None and "machine: " in capsys.readouterr().out  # no GPU peak on a CPU
+
+
+def test_frame_sizes_and_the_chips_peak(monkeypatch):
+    import argparse
+
+    assert benchmark.frame_size("512") == (512, 512) and benchmark.frame_size("1022x1024") == (1022, 1024)
+    for bad in ("8", "axb", "1x2x3", ""):
+        with pytest.raises(argparse.ArgumentTypeError):
+            benchmark.frame_size(bad)
+    import torch
+
+    cpu = torch.device("cpu")
+    assert benchmark.peak_bf16_flops(cpu) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert benchmark.peak_bf16_flops(torch.device("cuda")) == pytest.approx(756.5e12)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    assert benchmark.peak_bf16_flops(torch.device("cuda")) == pytest.approx(989.4e12)
+    monkeypatch.setenv("BENCHMARK_PEAK_TFLOPS", "100")
+    assert benchmark.peak_bf16_flops(cpu) == pytest.approx(1e14)
 
 
 def test_the_table_goes_into_its_own_block_of_the_results_page(tmp_path):
