@@ -489,6 +489,7 @@ def main(argv=None):
 
     machine = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
                or platform.machine(), "cpu_cores": os.cpu_count(), "torch": torch.__version__,
+               "torch_threads": torch.get_num_threads(),
                "frames": len(frames), "frame_size": list(masks[0].shape), "cells_per_frame": cells,
                "input_size": args.input_size}
     print(f"machine: {machine}")
@@ -511,7 +512,9 @@ def main(argv=None):
 
 def results_markdown(machine: dict, rows: list[dict], argv) -> str:
     command = "python benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    lines = [f"`{command.strip()}` on {machine['device']} ({machine['cpu_cores']} cores, torch {machine['torch']}), "
+    threads = f", {machine['torch_threads']} torch thread(s)" if machine.get("torch_threads") else ""
+    lines = [f"`{command.strip()}` on {machine['device']} ({machine['cpu_cores']} cores{threads}, "
+             f"torch {machine['torch']}), "
              f"{machine['frames']} frames of {machine['frame_size'][0]} x {machine['frame_size'][1]} with "
              f"{machine['cells_per_frame']} cells on average; each ratio measured side by side in one run:", "",
              "| stage | frames/s | ms/frame | speed-up | peak MiB | Wh | note |",

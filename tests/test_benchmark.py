@@ -46,34 +46,6 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
     assert all(name in printed for name in EXPECTED_ROWS) and "speed-up" in printed
 
 
-@pytest.mark.slow
-def test_benchmark_gpu_script_runs_both_recipes_and_writes_the_table(tmp_path):
-    """benchmark_gpu.sh on tiny frames with small settings, on whatever device there is: every row of its table is
-    filled from the runs' own metrics and inference lines."""
-    import os
-    import subprocess
-    import sys
-
-    from conftest import write_dataset
-
-    root = write_dataset(tmp_path / "data", sequences=("a", "b"), unlabelled=(), frames=3, shape=(90, 110))
-    env = dict(os.environ, PYTHON=sys.executable, TRAIN_REPEAT="2", INFER_REPEAT="1", PATCHES="8", FAITHFUL_EPOCHS="2",
-               PATCH_EPOCHS="2", INPUT_SIZE="64", PATCH_SIZE="64", BATCH_SIZE="4", WORKERS="0")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(["bash", os.path.join(repo, "benchmark_gpu.sh"), str(root), str(tmp_path / "out")],
-                            capture_output=True, text=True, env=env, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = (tmp_path / "out" / "gpu_figures.md").read_text()
-    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in table.splitlines() if
-            line.startswith("| ") and not line.startswith("| ---")}
-    assert rows["faithful"][-1].startswith("6 frames resized to 64 px")  # a's 3 frames, twice
-    assert rows["patches"][-1].startswith("8 patches of 64 px, batch 4")
-    assert float(rows["faithful"][0]) > 0 and float(rows["patches"][0]) > 0 and float(rows["patches"][1]) > 0
-    inference = [cells for name, cells in rows.items() if "output" in name]
-    assert len(inference) == 3 and all(float(cells[0]) > 0 for cells in inference)
-    assert "6 frames on" in table  # a's and b's frames, once
-
-
 def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path, capsys):
     """--only inference: the bundled model frame by frame and batched on 3 frames in batches of 2 (the last one
     smaller), frames larger than a tile; the benchmark's own asserts check the maps and files equal on a CPU."""
