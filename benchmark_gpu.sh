@@ -42,7 +42,7 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 
 if [ "$DATA" = simulated ]; then
-  $PY simulate.py --root_dir "$WORK/simulated" --sequences 2 --without_gt 0 --frames "$SIM_FRAMES" \
+  $PY simulate.py --root_dir "$WORK/simulated" --num_sequences 2 --without_gt 0 --num_frames "$SIM_FRAMES" \
     --size "$SIM_SIZE" > "$OUT/simulate.log"
   DATA=$WORK/simulated
 fi
@@ -111,11 +111,11 @@ for name in ("sequence", "large"):
     paths = {key: value for key, value in result["inference"].items() if isinstance(value, dict)}
     for path, summary in paths.items():
         frames = f"{summary['frames']} of {summary['frame_shape'][0]} x {summary['frame_shape'][1]}"
-        share = number(summary["share_of_peak"] and 100 * summary["share_of_peak"], ".2f")
+        share = "n/m" if summary["share_of_peak"] is None else f"{100 * summary['share_of_peak']:.2f} %"
         rows.append(f"| {frames} | {path}, batch {summary['batch_size']} | "
                     f"{summary['end_to_end_frames_per_s']:.1f} | {summary['model_frames_per_s']:.1f} | "
                     f"{summary['postprocessing_frames_per_s']:.1f} | {number(summary['wh_per_frame'], '.2e')} | "
-                    f"{summary['gflop_per_frame']:.1f} | {summary['model_tflop_per_s']:.2f} | {share} % |")
+                    f"{summary['gflop_per_frame']:.1f} | {summary['model_tflop_per_s']:.2f} | {share} |")
     old, new = paths["frame by frame (old)"], paths["batched (new)"]
     ratio = new["end_to_end_frames_per_s"] / old["end_to_end_frames_per_s"]
     energy = (f", {old['wh_per_frame'] / new['wh_per_frame']:.1f}x less energy per frame"
