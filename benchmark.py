@@ -13,7 +13,8 @@ the bundled model's inference frame by frame (the old path: one frame per batch,
 GPU) against batched inference (the new path: --batch_size frames per batch, their tiles together, bf16 on a GPU):
 reading + model, postprocessing and end to end, outputs checked equal (on a GPU, where the precisions differ, their
 agreement reported), with the FLOPs of a frame's forward passes and the share of the chip's bf16 peak they reach; then
-every shipped model alone, postprocessed and end to end.
+the training patches' sampling and augmentation one at a time with numpy (augment.py, what a loader worker does)
+against a batch on the device (augment_torch.py); every shipped model alone, postprocessed and end to end.
 Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
 """
 import argparse
@@ -33,6 +34,8 @@ from scipy import ndimage
 from torch.utils.data import DataLoader, Dataset
 
 import simulate
+from augment import foreground_pixels, random_patch
+from augment_torch import random_patches
 from border_core import border_core_targets, instances_from_border_core, resize_nearest
 from cli_types import HelpFormatter, Renamed
 from data_files import frame_shape, list_frames, read_mask, read_tiff_2d, write_marked_block, write_sequence
@@ -375,6 +378,45 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
     return rows, summary
 
 
+def augmentation_rows(images, masks, patch_size: int, batch_size: int, device, seed: int = 0) -> list[dict]:
+    """Training patches (sampling, resampling, intensity, border-core targets) the old way, one at a time with numpy
+    as a loader worker makes them (augment.random_patch), against a batch on the device (augment_torch). The same
+    resampling and targets (tests/test_augment_torch.py), different random draws: speed only. The frames are put on
+    the device once, as a training run would keep them there."""
+    count = 4 * batch_size
+    foreground = [foreground_pixels(mask) for mask in masks]
+    rng = np.random.default_rng(seed)
+
+    def one_patch(k):
+        return random_patch(images[k], masks[k], patch_size, rng, foreground[k])
+
+    picks = [k % len(images) for k in range(count)]
+    one_patch(0)  # warm-up
+    with Stage(device) as old_stage:
+        for k in picks:
+            one_patch(k)
+    old_stage.peak_mib = peak_host_mib(one_patch, 0)
+    frames = [torch.from_numpy(image.astype(np.float32)).to(device) for image in images]
+    labels = [torch.from_numpy(mask.astype(np.int64)).to(device) for mask in masks]
+    centres = [torch.from_numpy(f) for f in foreground]
+    generator = torch.Generator().manual_seed(seed)
+    batches = [picks[start:start + batch_size] for start in range(0, count, batch_size)]
+
+    def one_batch(batch):
+        return random_patches([frames[k] for k in batch], [labels[k] for k in batch], patch_size, generator,
+                              [centres[k] for k in batch])
+
+    one_batch(batches[0])  # warm-up
+    with Stage(device) as new_stage:
+        for batch in batches:
+            one_batch(batch)
+    note = f"patches/s of {patch_size} px"
+    return [row("training patches, augment.py one at a time (CPU)", old_stage.seconds / count, old_stage, None,
+                f"{note}; one loader process"),
+            row(f"training patches, augment_torch batch of {batch_size} ({device.type})", new_stage.seconds / count,
+                new_stage, old_stage.seconds / count, f"{note}; same resampling and targets, other random draws")]
+
+
 def shipped_model_rows(images, device, paths) -> list[dict]:
     """The shipped models on the same frames, each seeing them at its own scale (cells given as its own width, so
     every model sees the frames' pixels as they are): the model alone (reading, tiling, forward, argmax),
@@ -444,8 +486,10 @@ def main(argv=None):
                         help="frame size of the simulated colony: a side or height x width (1022x1024)")
     parser.add_argument("--input_size", type=int, default=512)
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--only", choices=["all", "inference"], default="all",
-                        help="inference: only the old and the new inference path of the bundled model")
+    parser.add_argument("--only", choices=["all", "inference", "augmentation"], default="all",
+                        help="inference: only the old and the new inference path of the bundled model; "
+                             "augmentation: only the training patches' sampling, CPU against the device")
+    parser.add_argument("--patch_size", type=int, default=256, help="training patch side (augmentation rows)")
     parser.add_argument("--model", default=BUNDLED_MODEL, help="the model of the old-and-new inference rows")
     parser.add_argument("--num_workers", "--workers", dest="num_workers", action=Renamed, type=int,
                         default=min(4, os.cpu_count() or 1), help="loader processes")
@@ -472,7 +516,10 @@ def main(argv=None):
             rows += loader_and_step_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
             rows += inference_rows(root, args.seq, args.input_size, args.batch_size, device, args.num_workers)
             rows += tracking_rows(masks, device)
-        if os.path.isfile(args.model):
+        if args.only in ("all", "augmentation"):
+            rows += augmentation_rows([read_tiff_2d(f.image_path) for f in frames[:8]], masks[:8], args.patch_size,
+                                      args.batch_size, device, args.seed)
+        if os.path.isfile(args.model) and args.only in ("all", "inference"):
             sequence = args.seq
             if len(frames) < len(list_frames(root, args.seq, with_masks=False)):  # the chosen frames only
                 sequence = "benchmark_frames"

@@ -4,6 +4,8 @@
 #     new one (INFER_BATCH frames per batch, their tiles together, bf16): an 800-frame 512 x 512 simulated sequence and
 #     200 frames of 1022 x 1024; frames/s end to end, model only and postprocessing only, Wh per frame, the FLOPs of a
 #     frame's forward passes and the share of the chip's dense bf16 peak they reach (benchmark.py --only inference);
+#   - training patches: sampling and augmentation one at a time on the CPU (augment.py, what a loader worker does)
+#     against a batch on the GPU (augment_torch.py), patches/s;
 #   - both recipes' training on real frames: images (patches) per second and Wh per epoch;
 #   - inference.py with the two trained models: frames/s and Wh per frame.
 # Energy comes from NVML's counter (energy.py).
@@ -53,7 +55,11 @@ $PY benchmark.py --only inference --num_frames "$SEQUENCE_FRAMES" --size "$SEQUE
 $PY benchmark.py --only inference --num_frames "$LARGE_FRAMES" --size "$LARGE_SIZE" --batch_size "$INFER_BATCH" \
   --num_workers "$WORKERS" --json "$OUT/inference_large.json" 2>&1 | tee "$OUT/inference_large.log"
 
-# 2. training both recipes on real frames, then inference.py with their models
+# 2. training patches: sampling and augmentation on the CPU, one at a time, against a batch on the device
+$PY benchmark.py --only augmentation --num_frames 8 --size "$SEQUENCE_SIZE" --patch_size "$PATCH_SIZE" \
+  --batch_size "$BATCH_SIZE" --json "$OUT/augmentation.json" 2>&1 | tee "$OUT/augmentation.log"
+
+# 3. training both recipes on real frames, then inference.py with their models
 # the same frames under more names: symbolic links, no copies
 repeat_sequence() {  # repeat_sequence NAME TIMES SEQ...
   local name=$1 times=$2 i=0; shift 2
@@ -91,7 +97,7 @@ $PY inference.py --root_dir "$WORK/data" --seqs infer --model "$PATCH_MODEL" \
 $PY inference.py --root_dir "$WORK/data" --seqs infer --model "$PATCH_MODEL" \
   --pred_dir "$WORK/pred_native" --cell_width "$CELL_WIDTH" --native 2>&1 | tee "$OUT/infer_native.log"
 
-# 3. one JSON and one table
+# 4. one JSON and one table
 FRAMES=$(ls "$WORK/data/train" | wc -l)
 $PY - "$OUT" "$FAITHFUL_MODEL" "$PATCH_MODEL" "$FRAMES frames resized to $INPUT_SIZE px, batch 16" \
   "$PATCHES patches of $PATCH_SIZE px, batch $BATCH_SIZE" <<'EOF'
@@ -121,6 +127,11 @@ for name in ("sequence", "large"):
     energy = (f", {old['wh_per_frame'] / new['wh_per_frame']:.1f}x less energy per frame"
               if old["wh_per_frame"] and new["wh_per_frame"] else "")
     rows.append(f"| {frames} | new / old | {ratio:.1f}x | | | {energy.lstrip(', ')} | | | |")
+augmentation = json.load(open(f"{out}/augmentation.json"))["rows"]
+figures["augmentation"] = augmentation
+rows += ["", "| training patches | patches/s | speed-up | note |", "| --- | ---: | ---: | --- |"]
+rows += [f"| {r['stage']} | {r['frames_per_s']:.1f} | {number(r['speedup'], '.1f')} | {r['note']} |"
+         for r in augmentation]
 rows += ["", "| recipe | training images/s | s per epoch | Wh per epoch | images per epoch |",
          "| --- | --- | --- | --- | --- |"]
 for recipe in ("faithful", "patches"):

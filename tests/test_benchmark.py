@@ -30,11 +30,13 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
                     "--json", str(out)])
     result = json.loads(out.read_text())
     stages = [r["stage"] for r in result["rows"]]
-    assert stages[:len(EXPECTED_ROWS) + len(OLD_AND_NEW)] == EXPECTED_ROWS + OLD_AND_NEW
+    augmentation = ["training patches, augment.py one at a time (CPU)",
+                    "training patches, augment_torch batch of 2 (cpu)"]
+    first = len(EXPECTED_ROWS) + len(augmentation) + len(OLD_AND_NEW)
+    assert stages[:first] == EXPECTED_ROWS + augmentation + OLD_AND_NEW
     # then the shipped models, each alone, postprocessed and end to end
     shipped = [path for path in benchmark.SHIPPED_MODELS if os.path.isfile(path)]
-    assert len(stages) == len(EXPECTED_ROWS) + len(OLD_AND_NEW) + 3 * len(shipped)
-    first = len(EXPECTED_ROWS) + len(OLD_AND_NEW)
+    assert len(stages) == first + 3 * len(shipped)
     assert all(stage.startswith(os.path.basename(path)) for path in shipped
                for stage in stages[first:][3 * shipped.index(path):3 * shipped.index(path) + 3])
     # each fast path is compared with its straightforward version (how much faster is the benchmark's figure, not the
@@ -70,6 +72,16 @@ def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path,
         model(torch.zeros(2, 1, 72, 256))
     assert new["gflop_per_frame"] == pytest.approx(counter.get_total_flops() / 1e9)
     assert new["share_of_peak"] is None and "machine: " in capsys.readouterr().out  # no GPU peak on a CPU
+
+
+def test_patch_augmentation_on_the_cpu_against_a_batch_on_the_device(tmp_path):
+    out = tmp_path / "bench.json"
+    benchmark.main(["--only", "augmentation", "--num_frames", "2", "--size", "100x120", "--patch_size", "48",
+                    "--batch_size", "3", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["stage"] for r in rows] == ["training patches, augment.py one at a time (CPU)",
+                                          "training patches, augment_torch batch of 3 (cpu)"]
+    assert rows[0]["speedup"] is None and rows[1]["speedup"] > 0 and all(r["frames_per_s"] > 0 for r in rows)
 
 
 def test_frame_sizes_and_the_chips_peak(monkeypatch):

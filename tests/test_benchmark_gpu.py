@@ -29,6 +29,10 @@ def test_smoke_mode_fills_every_figure(tmp_path):
                    ("end_to_end_frames_per_s", "model_frames_per_s", "postprocessing_frames_per_s", "gflop_per_frame"))
         assert old["gflop_per_frame"] == new["gflop_per_frame"]  # the same tiles, batched differently
     assert large["batched (new)"]["gflop_per_frame"] > 0
+    stages = [r["stage"] for r in figures["augmentation"]]
+    assert stages[0] == "training patches, augment.py one at a time (CPU)"
+    assert stages[1].startswith("training patches, augment_torch batch of 4 (")  # on the device there is
+    assert figures["augmentation"][1]["speedup"] > 0
     assert figures["training"]["faithful"]["epoch"].startswith("6 frames resized to 64 px")  # a's 3 frames, twice
     assert figures["training"]["patches"]["epoch"].startswith("8 patches of 64 px, batch 4")
     assert all(figures["training"][recipe]["images_per_s"] > 0 for recipe in ("faithful", "patches"))
