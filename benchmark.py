@@ -18,6 +18,7 @@ against a batch on the device (augment_torch.py); every shipped model alone, pos
 Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
 """
 import argparse
+import itertools
 import json
 import multiprocessing
 import os
@@ -317,8 +318,8 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
     for path_name, path in inference_paths(device, batch_size).items():
         loader = frames_loader(model, frames, 1.0, path["batch_size"], workers, device, shapes)
         arguments = dict(precision=path["precision"], tile_batch=path["tile_batch"])
-        if cuda:  # warm-up: CUDA context, cudnn's choice for every batch shape
-            for _ in border_core_maps(model, loader, device, **arguments):
+        if cuda:  # warm-up: CUDA context, cudnn's choice for the batch shapes (the first batches hold them all)
+            for _ in itertools.islice(border_core_maps(model, loader, device, **arguments), 3):
                 pass
         else:
             list(border_core_maps(model, [(torch.zeros(1, 1, 64, 64), torch.tensor([0]))], device))
