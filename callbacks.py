@@ -3,7 +3,7 @@
 import time
 
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, WeightAveraging
 
 from energy import POWERCAP_ROOT, Counter, EnergyMeter, Reading, format_report
 
@@ -116,3 +116,26 @@ class EpochLine(Callback):
                                ("train_loss", "val_loss", "val_instance_dice") if name in metrics)
             took = f"{now - self.start:.1f} s ({rate:.3g} images/s in training)" if self.start else ""
             print(f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs}  {values}  {took}", flush=True)
+
+
+def warmed_ema(decay: float):
+    """AveragedModel's avg_fn for an exponential moving average whose decay grows towards `decay` over the first
+    updates: min(decay, (1 + n) / (10 + n)) at the n-th (the warm-up of TensorFlow's and timm's EMA), so that the
+    average of a run of a few hundred steps is not held near its starting weights.
+
+    >>> average = warmed_ema(0.99)
+    >>> float(average(torch.tensor(0.0), torch.tensor(1.0), torch.tensor(1)))  # decay 2/11 at the first update
+    0.8181818127632141
+    """
+    def average(averaged: torch.Tensor, current: torch.Tensor, updates: torch.Tensor) -> torch.Tensor:
+        n = float(updates)
+        weight = min(decay, (1 + n) / (10 + n))
+        return averaged * weight + current * (1 - weight)
+    return average
+
+
+class WarmedEMA(WeightAveraging):
+    """Lightning's weight averaging (the average is validated and checkpointed, and kept at the end) with warmed_ema."""
+
+    def __init__(self, decay: float):
+        super().__init__(use_buffers=True, avg_fn=warmed_ema(decay))

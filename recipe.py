@@ -42,6 +42,8 @@ class Recipe:
                                       # holds the training cells this well (scale.representable_width; 0: own scale)
     ema_decay: float = 0.0            # exponential moving average of the weights (0: off)
     size_filter: bool = True          # choose the size filter (min_area_fraction) on the validation frames
+    test_flips: bool = False          # the model predicts with its logits averaged over the four mirror images (four
+                                      # passes a frame); recorded in the checkpoint, inference.py --test_flips overrides
     min_steps: int = 200              # no early end (max_time) before this many optimiser steps
     early_stopping_patience: int = 0  # stop when val_instance_dice has not improved for this many epochs (0: never)
     accelerator: str = "auto"         # Lightning's: auto, gpu, cpu

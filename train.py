@@ -26,12 +26,12 @@ import sys
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import EarlyStopping, EMAWeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
 import data_files
-from callbacks import EnergyCallback, EpochLine
+from callbacks import EnergyCallback, EpochLine, WarmedEMA
 from checkpoint_io import AtomicCheckpointIO
 from cli_types import HelpFormatter, non_negative_int, positive_float, positive_int
 from data_files import DataError, atomic_write, default_sequences, error_line
@@ -122,7 +122,8 @@ def build(args, recipe, init: UNet | None) -> tuple[CellDataModule, UNet]:
         say(f"{args.init_from}: keeps its widths {tuple(init.hparams.widths)} (the recipe's are {recipe.widths})")
     model = UNet(lr=recipe.lr, num_epochs=recipe.num_epochs, view=recipe.view, input_size=recipe.input_size,
                  tile_size=recipe.tile_size, cell_width=cell_width, intensity=recipe.intensity,
-                 choose_size_filter=recipe.size_filter, dice_weight=recipe.dice_weight, **kept)
+                 choose_size_filter=recipe.size_filter, dice_weight=recipe.dice_weight,
+                 test_flips=recipe.test_flips, **kept)
     if init is not None:
         model.load_state_dict(init.state_dict())
     return data, model
@@ -150,7 +151,7 @@ def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, RunCheckpoint, bo
     last = RunCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     callbacks = [best, last, EnergyCallback(), EpochLine()]
     if recipe.ema_decay:
-        callbacks.append(EMAWeightAveraging(decay=recipe.ema_decay))
+        callbacks.append(WarmedEMA(recipe.ema_decay))
     if recipe.early_stopping_patience:
         callbacks.append(EarlyStopping(monitor="val_instance_dice", mode="max", min_delta=0.002,
                                        patience=recipe.early_stopping_patience))

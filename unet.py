@@ -49,7 +49,7 @@ class UNet(L.LightningModule):
                  num_epochs: int = 100, view: str = "resized", input_size: int = 512, tile_size: int = 512,
                  small_center_threshold: int = 30, isolated_border_threshold: int = 15,
                  cell_width: float | None = None, intensity: str = "baseline", min_area_fraction: float = 0,
-                 choose_size_filter: bool = False, dice_weight: float = 0.0):
+                 choose_size_filter: bool = False, dice_weight: float = 0.0, test_flips: bool = False):
         super().__init__()
         self.save_hyperparameters()
         self.view = view_of(self.hparams)
@@ -65,7 +65,17 @@ class UNet(L.LightningModule):
         self.val_dice = nn.ModuleList([MeanMetric() for _ in fractions])  # one per size filter candidate
         self.val_frames = SumMetric()  # frames scored, over all DDP processes: each val frame exactly once
 
+    # inference sets this (from hparams.test_flips, the recipe's choice, unless told otherwise): the logits averaged
+    # over the four mirror images of the input; validation in training stays one pass
+    average_flips = False
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.average_flips and not self.training:
+            flips = ((), (-1,), (-2,), (-2, -1))
+            return sum(self.forward_once(x.flip(dims)).flip(dims) for dims in flips) / 4
+        return self.forward_once(x)
+
+    def forward_once(self, x: torch.Tensor) -> torch.Tensor:
         skips = []
         for level, block in enumerate(self.encoder):
             x = block(x if level == 0 else F.max_pool2d(x, 2))

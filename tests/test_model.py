@@ -55,3 +55,43 @@ def test_the_dice_term_is_added_to_the_training_loss_with_its_weight():
         model.log = lambda *args, **kwargs: None
     expected = plain.training_step(batch, 0) + 2.0 * soft_dice_loss(plain(batch["image"]), batch["target"])
     assert float(weighted.training_step(batch, 0)) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_warmed_ema_follows_its_recursion_and_reaches_the_set_decay():
+    import doctest
+    import callbacks
+    from torch.optim.swa_utils import AveragedModel
+    assert doctest.testmod(callbacks).failed == 0
+    parameter = torch.nn.Parameter(torch.tensor([0.0]))
+    holder = torch.nn.Module()
+    holder.p = parameter
+    averaged = AveragedModel(holder, avg_fn=callbacks.warmed_ema(0.9), use_buffers=True)
+    expected = None
+    for step, value in enumerate([4.0, 2.0, 8.0] + [1.0] * 200):
+        with torch.no_grad():
+            parameter.fill_(value)
+        averaged.update_parameters(holder)
+        if expected is None:
+            expected = value  # the first update copies
+        else:
+            weight = min(0.9, (1 + step) / (10 + step))
+            expected = weight * expected + (1 - weight) * value
+        assert float(averaged.module.p) == pytest.approx(expected, rel=1e-5)
+
+
+def test_flip_averaged_prediction_is_mirror_equivariant_and_the_mean_of_four_passes():
+    torch.manual_seed(0)
+    model = UNet(widths=(4, 8)).eval()
+    x = torch.rand(1, 1, 16, 24)
+    with torch.no_grad():
+        single = model(x)
+        assert not torch.allclose(model(x.flip(-1)).flip(-1), single, atol=1e-4)  # one pass is not equivariant
+        model.average_flips = True
+        averaged = model(x)
+        manual = sum(model.forward_once(x.flip(d)).flip(d) for d in ((), (-1,), (-2,), (-2, -1))) / 4
+        assert torch.allclose(averaged, manual, atol=1e-6)
+        for dims in ((-1,), (-2,), (-2, -1)):
+            assert torch.allclose(model(x.flip(dims)).flip(dims), averaged, atol=1e-5)
+        model.train()  # training is one pass whatever the flag (batch statistics: compare in training mode)
+        assert torch.allclose(model(x), model.forward_once(x), atol=1e-6)
+        assert not torch.allclose(model(x.flip(-1)).flip(-1), model(x), atol=1e-4)
