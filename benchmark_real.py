@@ -4,6 +4,9 @@ training nor model selection, against training CPU-seconds.
     python benchmark_real.py                                   # every dataset, every recipe (hours on a 2-core CPU)
     python benchmark_real.py --datasets trpL --recipes ceiling,patches,cellpose
     python benchmark_real.py --faithful_epochs 30              # a shorter faithful run, named as such in the table
+    python benchmark_real.py --datasets usiigaci --recipes fine_tuned,cellpose --frames 1,2,4,8 \
+        --generalist models/bacteria_generalist.pt             # the learning curve: a few annotated frames
+    python benchmark_real.py --datasets trpL --recipes patches --variant dice1 --patch_args "--set dice_weight=1"
 
 Data (read from ../shared/real, never copied into the repository; written as sequences under --out_dir/data):
 - trpL: the E. coli time-lapse, 20 frames of 727 x 1026 uint16 at their own size: frames 0-11 train (a), 12-14
@@ -28,6 +31,11 @@ are written at the frames' own size and brought to 256 x 256 by the same rule as
 system of the training process and its children (os.wait4; Cellpose's: at each saved checkpoint, in-process); wall
 time; the size filter best.ckpt chose (min_area_fraction). cellpose_at_equal_cpu: Cellpose's score (256) at the row's
 CPU-seconds, interpolated between its checkpoints; ahead_of_cellpose: the row's score minus it.
+
+Learning curve (--frames N,...): the patch, fine-tuned and cellpose rows trained again on N of the training frames,
+spread evenly over them (`spread`), with the same selection and test frames; a table per dataset and a plot of score
+against the number of frames (--curve_plot). Cellpose there trains its 500 epochs or up to --cellpose_max_cpu_seconds,
+and its last checkpoint is scored. A variant (--variant NAME with --patch_args) is a row of its own beside the recipe's.
 
 Writes the table as CSV and JSON into --out_dir (rows of earlier calls kept unless rerun), the plot of score against
 CPU-seconds (--plot), and the table as markdown between the markers of --results_md.
