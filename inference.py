@@ -309,6 +309,9 @@ def main(argv=None):
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="the model's arithmetic: auto = bf16 on a GPU that supports it, else fp16 on a GPU, "
                              "fp32 on a CPU")
+    parser.add_argument("--test_flips", default="auto", choices=("auto", "on", "off"),
+                        help="average the logits over the four mirror images of each frame (four passes): auto takes "
+                             "what the model's recipe chose (default %(default)s)")
     parser.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="loader processes that read and resize frames")
     parser.add_argument("--postprocess_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
@@ -341,6 +344,8 @@ def main(argv=None):
     try:
         # on the CPU: the pool below must fork before CUDA is initialised; the model moves to the device when it runs
         model = load_model(args.from_checkpoint, map_location="cpu")
+        if args.test_flips != "auto":
+            model.average_flips = args.test_flips == "on"
         sequences = chosen_sequences(args.root_dir, args.seqs, args.split)
         # every sequence found and every folder checked before the first file is deleted or written
         frames = {sequence: list_frames(args.root_dir, sequence, with_masks=False) for sequence in sequences}

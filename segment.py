@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="a checkpoint (.ckpt or exported .pt) (default: the bundled model "
                              "models/bacteria_generalist.pt)")
+    parser.add_argument("--test_flips", default="auto", choices=("auto", "on", "off"),
+                        help="average the logits over the four mirror images of each frame (four passes): auto takes "
+                             "what the model's recipe chose (default %(default)s)")
     parser.add_argument("--gt", default=None, metavar="MASKS",
                         help="a mask stack (same frames and size) to score the prediction against, Instance Dice "
                              "(default: none)")
@@ -203,6 +206,8 @@ def segment(args) -> dict:
     from inference import predict_images
     from unet import load_model
     model = load_model(model_path)
+    if args.test_flips != "auto":
+        model.average_flips = args.test_flips == "on"
     say(f"model: {model_path} (trained at cells {model.hparams.cell_width or 'of the challenge frames'}"
         f"{' px wide' if model.hparams.cell_width else ''})")
     every = max(1, len(movie.frames) // 10)

@@ -250,7 +250,8 @@ def load_checkpoint(path, map_location="cpu", keys=CHECKPOINT_KEYS) -> dict:
 
 def load_model(path, map_location="cpu") -> UNet:
     """The UNet of a checkpoint of train.py (what UNet.load_from_checkpoint gives, read through load_checkpoint) or of
-    a weights file of export_weights (float16 weights, read back as float32)."""
+    a weights file of export_weights (float16 weights, read back as float32), set to predict with test-time flips
+    where its recipe chose them (hparams.test_flips)."""
     checkpoint = load_checkpoint(path, map_location, keys=WEIGHTS_KEYS)
     hparams = legacy_hparams(dict(checkpoint["hyper_parameters"]))
     if hparams.get("cell_width") is not None and not np.isfinite(float(hparams["cell_width"])):
@@ -266,7 +267,9 @@ def load_model(path, map_location="cpu") -> UNet:
         first = str(error).strip().splitlines()
         raise CheckpointError(path, f"weights do not fit the U-Net: {first[1].strip() if len(first) > 1 else error}") \
             from error
+    model.average_flips = bool(model.hparams.test_flips)  # predicts as its recipe chose
     return model.to(map_location)
+
 
 def legacy_hparams(hparams: dict) -> dict:
     """Hyperparameters of checkpoints written before views had names (the bundled model among them): patch_size > 0

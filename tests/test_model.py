@@ -95,3 +95,16 @@ def test_flip_averaged_prediction_is_mirror_equivariant_and_the_mean_of_four_pas
         model.train()  # training is one pass whatever the flag (batch statistics: compare in training mode)
         assert torch.allclose(model(x), model.forward_once(x), atol=1e-6)
         assert not torch.allclose(model(x.flip(-1)).flip(-1), model(x), atol=1e-4)
+
+
+def test_a_model_loads_predicting_with_the_flips_its_recipe_chose(tmp_path):
+    from unet import load_model
+    for chosen in (True, False):
+        model = UNet(widths=(4, 8), view="tiled", cell_width=16.0, test_flips=chosen)
+        path = tmp_path / f"flips_{chosen}.ckpt"
+        torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
+        loaded = load_model(str(path))
+        assert loaded.average_flips is chosen
+        x = torch.rand(1, 1, 16, 16)
+        with torch.no_grad():
+            assert torch.allclose(loaded.eval()(x.flip(-1)).flip(-1), loaded(x), atol=1e-5) is chosen
