@@ -43,7 +43,8 @@ from data_files import frame_shape, list_frames, read_mask, read_tiff_2d, write_
 from dataset import ResizedFrames, UnlabelledFrames, normalise
 from views import Resized
 from energy import EnergyMeter
-from inference import (BUNDLED_MODEL, MODELS_DIR, TILES_PER_PASS, autocast_dtype, border_core_maps, frames_loader,
+from precision import autocast_dtype
+from inference import (BUNDLED_MODEL, MODELS_DIR, TILES_PER_PASS, border_core_maps, frames_loader,
                        pick_device, predict_images, predict_sequence)
 from metrics import instance_dice
 from postprocess_torch import instances_from_border_core_torch
@@ -367,10 +368,12 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
             baseline.setdefault(stage_name, per_frame)
     old, new = maps.values()
     old_files, new_files = written.values()
-    if cuda:  # fp16 against bf16: the same frames, nearly the same maps
+    precisions = [autocast_dtype(device, path["precision"]) for path in inference_paths(device, batch_size).values()]
+    if precisions[0] != precisions[1]:  # fp16 or fp32 against bf16: the same frames, nearly the same maps
         agree = np.mean([np.mean(a == b) for a, b in zip(old, new)])
         summary["map_agreement"] = float(agree)
-        rows[-1]["note"] += f"; old and new maps agree on {100 * agree:.2f} % of the pixels (fp16 vs bf16)"
+        names = [{None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] for dtype in precisions]
+        rows[-1]["note"] += f"; old and new maps agree on {100 * agree:.2f} % of the pixels ({' vs '.join(names)})"
     else:
         assert all(np.array_equal(a, b) for a, b in zip(old, new)), "batched maps differ from frame by frame"
         assert old_files.keys() == new_files.keys() and all(np.array_equal(old_files[k], new_files[k])

@@ -30,12 +30,12 @@ from folder_lock import lock_folder
 from postprocess_torch import instances_from_border_core_torch
 from energy import EnergyMeter
 from scale import frame_scale, median_cell_width
+from precision import PRECISIONS, autocast_dtype
 from unet import UNet, load_model
 
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 BUNDLED_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist.pt")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # tiles of a tiled-view model per forward pass: a few on a CPU (larger batches do not run faster there), many on a GPU
 TILES_PER_PASS = {"cpu": 4, "cuda": 64}
 # at most this many input pixels in a batch of frames: bounds the float32 logits a batch holds (12 bytes a pixel)
@@ -46,19 +46,6 @@ def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
-    """The dtype the model runs in under autocast, None for float32: with "auto", bfloat16 on a GPU that supports it
-    (the range of float32, so logits cannot overflow), float16 on an older one, float32 on a CPU (where reduced
-    precision is slower without matrix units, and the shipped figures were measured)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 @torch.inference_mode()

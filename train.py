@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 import data_files
 from callbacks import EnergyCallback, EpochLine, WarmedEMA
+from precision import trainer_precision
 from checkpoint_io import AtomicCheckpointIO
 from cli_types import HelpFormatter, non_negative_int, positive_float, positive_int
 from data_files import DataError, atomic_write, default_sequences, error_line
@@ -75,7 +76,8 @@ def parse_args(argv=None):
     add("--seed", type=int, default=42, help="random seed")
     add("--num_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1), help="loader processes")
     add("--devices", help="devices (processes) per node (default: the job's tasks per node under SLURM, else auto)")
-    add("--precision", help="Lightning precision (default: 16-mixed on CUDA, 32-true on the CPU)")
+    add("--precision", help="Lightning precision (default: 16-mixed on CUDA; on a CPU bf16-mixed where it has bf16 "
+                            "units, else 32-true: precision.py)")
     add("--export_to", help="after training, write the best checkpoint's weights (float16) here, as the bundled model")
     add("--max_time", type=wall_time, help="stop after this wall time, DD:HH:MM:SS, with whole checkpoints")
     add("--max_pixels", type=positive_int, default=data_files.MAX_PIXELS,
@@ -162,7 +164,7 @@ def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, RunCheckpoint, bo
     trainer = L.Trainer(
         max_epochs=recipe.num_epochs, min_steps=recipe.min_steps or None, max_time=args.max_time,
         accelerator=recipe.accelerator, devices=devices, num_nodes=num_nodes,
-        precision=args.precision or ("16-mixed" if cuda else "32-true"), plugins=plugins + [AtomicCheckpointIO()],
+        precision=trainer_precision(args.precision, cuda), plugins=plugins + [AtomicCheckpointIO()],
         default_root_dir=args.out_dir, logger=CSVLogger(args.out_dir, name="", version=""), callbacks=callbacks,
         benchmark=cuda, log_every_n_steps=1, enable_progress_bar=sys.stderr.isatty(), deterministic=False)
     return trainer, best, slurm

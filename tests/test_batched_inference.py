@@ -120,8 +120,23 @@ def test_frames_of_different_sizes_are_batched_apart_in_order():
     assert [m.shape for m in labels] == [image.shape for image in images]
 
 
-def test_precision_is_chosen_once_from_the_device(monkeypatch):
+def test_precision_is_chosen_once_from_the_device(monkeypatch, tmp_path):
+    import precision
+    reads_cpuinfo = precision.cpu_has_bf16_units.__wrapped__
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
     assert autocast_dtype(CPU) is None and autocast_dtype(CPU, "fp32") is None
+    assert precision.trainer_precision(None, cuda=False) == "32-true"
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    assert autocast_dtype(CPU) is torch.bfloat16 and autocast_dtype(CPU, "fp32") is None
+    assert precision.trainer_precision(None, cuda=False) == "bf16-mixed"
+    assert precision.trainer_precision(None, cuda=True) == "16-mixed"
+    assert precision.trainer_precision("32-true", cuda=False) == "32-true"
+    # the flags as /proc/cpuinfo lists them
+    for flags, expected in (("fpu avx2 avx512f amx_bf16 amx_tile", True), ("fpu avx2 avx512_bf16", True),
+                            ("fpu avx2 avx512f avx512_vnni", False)):
+        (tmp_path / "cpuinfo").write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert reads_cpuinfo(str(tmp_path / "cpuinfo")) is expected
+    assert reads_cpuinfo(str(tmp_path / "absent")) is False
     cuda = torch.device("cuda")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert autocast_dtype(cuda) is torch.bfloat16
@@ -133,7 +148,9 @@ def test_precision_is_chosen_once_from_the_device(monkeypatch):
         autocast_dtype(CPU, "int8")
 
 
-def test_the_cpu_path_runs_in_float32_unchanged():
+def test_the_cpu_path_runs_in_float32_unchanged(monkeypatch):
+    import precision
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
     model = small_unet()
     frames = [np.random.default_rng(seed).integers(0, 255, (96, 120)).astype(np.uint8) for seed in range(2)]
     loader = frames_loader(model, frames, 1.0, 2, 0, CPU)

@@ -48,14 +48,23 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
     assert all(name in printed for name in EXPECTED_ROWS) and "speed-up" in printed
 
 
-def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path, capsys):
+@pytest.mark.parametrize("bf16_units", [False, True])
+def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path, capsys, monkeypatch, bf16_units):
     """--only inference: the bundled model frame by frame and batched on 3 frames in batches of 2 (the last one
-    smaller), frames larger than a tile; the benchmark's own asserts check the maps and files equal on a CPU."""
+    smaller), frames larger than a tile; the benchmark's own asserts check the maps and files equal on a CPU where
+    both paths compute in float32; where the new one runs in bf16 (a CPU with bf16 units) their agreement is given."""
+    import precision
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: bf16_units)
     out = tmp_path / "bench.json"
     benchmark.main(["--only", "inference", "--num_frames", "3", "--size", "72x300", "--batch_size", "2",
                     "--num_workers", "0", "--json", str(out)])
     result = json.loads(out.read_text())
     assert [r["stage"] for r in result["rows"]] == OLD_AND_NEW
+    if bf16_units:
+        agreement = result["inference"]["map_agreement"]
+        assert 0.95 <= agreement <= 1 and result["rows"][-1]["note"].endswith(
+            f"maps agree on {100 * agreement:.2f} % of the pixels (fp32 vs bf16)")
+        return
     assert result["rows"][-1]["note"].endswith("identical maps and files")
     assert all(r["speedup"] is not None for r in result["rows"][3:])  # the new path against the old one
     old, new = result["inference"]["frame by frame (old)"], result["inference"]["batched (new)"]
