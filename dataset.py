@@ -162,11 +162,17 @@ def training_sets(train_frames: list[Frame], val_frames: list[Frame], recipe, mo
     if not np.isfinite([widths[f.sequence] for f in train_frames]).any():
         raise DataError(f"{train_frames[0].mask_path}: the training masks hold no cell")
     validation_only = {f.sequence for f in val_frames} - {f.sequence for f in train_frames}
-    if model_cell_width is None and inherited_cell_width is None and recipe.min_ceiling:
+    own_width = float(np.nanmedian(list(widths.values())))
+    if model_cell_width is None and inherited_cell_width is None and recipe.max_cell_width and \
+            own_width > recipe.max_cell_width:
+        # from scratch, large cells: shrunk to max_cell_width, where a patch holds several cells and a frame costs
+        # fewer pixels (Cellpose brings every cell to one diameter the same way)
+        model_cell_width = float(recipe.max_cell_width)
+    elif model_cell_width is None and inherited_cell_width is None and recipe.min_ceiling:
         # from scratch: the narrowest scale at which the representation holds the training cells (a sample of frames)
         sample = [labels for _, _, labels in train[::max(1, len(train) // 8)]]
-        width, _ = representable_width(sample, float(np.nanmedian(list(widths.values()))), recipe.min_ceiling)
-        model_cell_width = width if width > np.nanmedian(list(widths.values())) else None
+        width, _ = representable_width(sample, own_width, recipe.min_ceiling)
+        model_cell_width = width if width > own_width else None
     cell_width, scales = training_scales(widths, model_cell_width, inherited_cell_width, validation_only)
     train_set = ScaledFrames(train, scales, recipe.intensity, recipe.patch_size, recipe.patches_per_epoch,
                              recipe.augment, turn=recipe.turn, photometric=recipe.photometric,

@@ -40,6 +40,7 @@ class Recipe:
     dice_weight: float = 0.0          # loss = cross-entropy + this x soft Dice of border and core (unet.soft_dice_loss)
     min_ceiling: float = 0.97         # tiled view, from scratch: enlarge frames until the border-core representation
                                       # holds the training cells this well (scale.representable_width; 0: own scale)
+    max_cell_width: float = 0.0       # tiled view, from scratch: cells wider than this are shrunk to it (0: never)
     ema_decay: float = 0.0            # exponential moving average of the weights (0: off)
     size_filter: bool = True          # choose the size filter (min_area_fraction) on the validation frames
     test_flips: bool = False          # the model predicts with its logits averaged over the four mirror images (four
@@ -59,7 +60,7 @@ class Recipe:
             "patches_per_epoch": self.patches_per_epoch >= 1, "contact_weight": self.contact_weight >= 0,
             "dice_weight": self.dice_weight >= 0,
             "ema_decay": 0 <= self.ema_decay < 1, "min_steps": self.min_steps >= 0,
-            "min_ceiling": 0 <= self.min_ceiling <= 1,
+            "min_ceiling": 0 <= self.min_ceiling <= 1, "max_cell_width": self.max_cell_width >= 0,
             "early_stopping_patience": self.early_stopping_patience >= 0,
         }
         multiple = 2 ** (len(self.widths) - 1)

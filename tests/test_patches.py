@@ -504,3 +504,20 @@ def test_training_from_scratch_enlarges_frames_of_thin_cells(tmp_path):
     assert cell_width > median_cell_width([mask]) * 1.2 and train_set.scales["a"] > 1.2
     _, _, own = training_sets(frames, frames, load_recipe(DEFAULT_RECIPE, ["min_ceiling=0"]))
     assert own == median_cell_width([mask])
+
+
+def test_training_from_scratch_shrinks_frames_of_wide_cells_to_max_cell_width(tmp_path):
+    mask = thin_rods_in_chains(width=32, length=90, rows=2, per_row=2)
+    image = np.where(mask > 0, 60, 200).astype(np.uint8)
+    write_sequence(str(tmp_path), "a", [(image, mask)])
+    frames = list_frames(str(tmp_path), "a", True)
+    own = median_cell_width([mask])
+    assert own > 25
+    train_set, _, cell_width = training_sets(frames, frames, load_recipe(DEFAULT_RECIPE, ["max_cell_width=20"]))
+    assert cell_width == 20 and train_set.scales["a"] == pytest.approx(20 / own)
+    # 0: the frames' own scale (the representation holds these cells there)
+    _, _, kept = training_sets(frames, frames, load_recipe(DEFAULT_RECIPE, ["max_cell_width=0"]))
+    assert kept == own
+    # a width given on the command line wins
+    _, _, given = training_sets(frames, frames, load_recipe(DEFAULT_RECIPE, ["max_cell_width=20"]), model_cell_width=28)
+    assert given == 28
