@@ -32,9 +32,9 @@ system of the training process and its children (os.wait4; Cellpose's: at each s
 time; the size filter best.ckpt chose (min_area_fraction). cellpose_at_equal_cpu: Cellpose's score (256) at the row's
 CPU-seconds, interpolated between its checkpoints; ahead_of_cellpose: the row's score minus it.
 
-Learning curve (--frames N,...): the patch, fine-tuned and cellpose rows trained again on N of the training frames,
-spread evenly over them (`spread`), with the same selection and test frames; a table per dataset and a plot of score
-against the number of frames (--curve_plot). Cellpose there trains its 500 epochs or up to --cellpose_max_cpu_seconds,
+Learning curve (--frames N,...): instead of the rows on all training frames, the patch, fine-tuned and cellpose rows
+trained on N of them, spread evenly over them (`spread`), with the same selection and test frames; a table per
+dataset and a plot of score against the number of frames (--curve_plot). Cellpose there trains its 500 epochs or up to --cellpose_max_cpu_seconds,
 and its last checkpoint is scored. A variant (--variant NAME with --patch_args) is a row of its own beside the recipe's.
 
 Writes the table as CSV and JSON into --out_dir (rows of earlier calls kept unless rerun), the plot of score against
@@ -559,7 +559,7 @@ def main(argv=None):
                 *PATCHES_FLAGS, "--init_from", args.generalist, *args.patch_args.split()])
         context = {"dataset": dataset, "data": os.path.relpath(root, ROOT), "machine": machine_name(),
                    "train_frames": training_frames(root)}
-        for recipe in recipes:
+        for recipe in recipes if not subset_sizes else []:  # with --frames only the subsets are trained
             if recipe == "cellpose":
                 ours = [r for r in merge_rows(previous, rows) if r["dataset"] == dataset and r["recipe"] == "patches"]
                 print(f"{dataset}: cellpose ...", flush=True)
