@@ -93,7 +93,7 @@ SPLITS = {
                              "c": [("usiigaci/b", slice(0, None))]},
 }
 DATASETS = [*SPLITS, "simulated"]
-VARIABLE = ("patches", "fine_tuned")  # the rows --variant renames
+VARIABLE = ("patches", "fine_tuned", "zero_shot")  # the rows --variant renames
 
 
 def source_frames(real_dir: str, source: str, frames: slice):
@@ -183,11 +183,12 @@ def test_scores(pred_dir: str, root: str) -> dict:
 
 
 def score(root: str, checkpoint: str, pred_dir: str, log_dir: str, extra=()) -> dict:
-    """Predict the test sequence c with a checkpoint and score it."""
+    """Predict the test sequence c with a checkpoint and score it (the inference command and its CPU-seconds kept)."""
     os.makedirs(log_dir, exist_ok=True)
-    run_timed([sys.executable, "inference.py", "--root_dir", root, "--seqs", "c", "--from_checkpoint", checkpoint,
-               "--pred_dir", pred_dir, "--native", *extra], os.path.join(log_dir, "inference.log"))
-    return test_scores(pred_dir, root)
+    command = [sys.executable, "inference.py", "--root_dir", root, "--seqs", "c", "--model", checkpoint,
+               "--pred_dir", pred_dir, "--native", "--overwrite", *extra]
+    cpu, _ = run_timed(command, os.path.join(log_dir, "inference.log"))
+    return {**test_scores(pred_dir, root), "inference_cpu_seconds": cpu, "inference_command": shown_command(command)}
 
 
 def training_cell_width(root: str) -> float:
@@ -197,14 +198,14 @@ def training_cell_width(root: str) -> float:
     return median_cell_width(read_mask(f.mask_path) for f in list_frames(root, "a", with_masks=True))
 
 
-def train_and_score(root: str, run_dir: str, train_args: list[str]) -> dict:
+def train_and_score(root: str, run_dir: str, train_args: list[str], score_args=()) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     command = [sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
                "--out_dir", os.path.join(run_dir, "run"), *TRAIN_FLAGS, *train_args]
     cpu, wall = run_timed(command, os.path.join(run_dir, "train.log"))
     best = os.path.join(run_dir, "run", "checkpoints", "best.ckpt")
     result = score(root, best, os.path.join(run_dir, "pred"), run_dir,
-                   ["--cell_width", f"{training_cell_width(root):.2f}"])
+                   ["--cell_width", f"{training_cell_width(root):.2f}", *score_args])
     metrics = pd.read_csv(os.path.join(run_dir, "run", "metrics.csv"))
     result.update(cpu_seconds=cpu, wall_seconds=wall, epochs=int(metrics["epoch"].max() + 1),
                   best_val=float(metrics["val_instance_dice"].max()),
@@ -403,7 +404,8 @@ def results_markdown(rows: list[dict]) -> str:
                          f"{format_value(row.get('ap50_native'))} | {format_value(row.get('cpu_seconds'), 0)} | "
                          f"{format_value(row.get('ahead_of_cellpose'), -3)} |")
         lines += ["", "Commands:", ""]
-        lines += [f"- {row['recipe']}: `{row['command']}`" for row in group if row.get("command")]
+        lines += [f"- {row['recipe']}: `{row.get('command') or row['inference_command']}`" for row in group
+                  if row.get("command") or row.get("inference_command")]
         lines.append("")
         curves = learning_curve(rows, dataset)
         if curves:
@@ -507,6 +509,9 @@ def main(argv=None):
     parser.add_argument("--variant", default="",
                         help="a name for a variant of the patch and fine-tuned rows made by --patch_args: its rows and "
                              "run folders carry the name, beside the recipe's own (default: none)")
+    parser.add_argument("--score_args", default="",
+                        help="extra inference.py arguments when the test frames are predicted (e.g. --test_flips on) "
+                             "(default: none)")
     parser.add_argument("--frames", default="",
                         help="learning curve: also train the patch, fine-tuned and cellpose rows on this many of the "
                              "training frames, spread evenly (comma-separated, e.g. 1,2,4,8) (default: none)")
@@ -550,13 +555,13 @@ def main(argv=None):
             "faithful": lambda: train_and_score(root, os.path.join(out, "faithful"), [
                 *FAITHFUL_FLAGS, "--num_epochs", str(args.faithful_epochs)]),
             "patches": lambda: train_and_score(root, os.path.join(out, "patches" + suffix), [
-                *PATCHES_FLAGS, *args.patch_args.split()]),
+                *PATCHES_FLAGS, *args.patch_args.split()], args.score_args.split()),
         }
         if args.generalist:
-            todo["zero_shot"] = lambda: score(root, args.generalist, os.path.join(out, "zero_shot", "pred"),
-                                              os.path.join(out, "zero_shot"))
+            todo["zero_shot"] = lambda: score(root, args.generalist, os.path.join(out, "zero_shot" + suffix, "pred"),
+                                              os.path.join(out, "zero_shot" + suffix), args.score_args.split())
             todo["fine_tuned"] = lambda: train_and_score(root, os.path.join(out, "fine_tuned" + suffix), [
-                *PATCHES_FLAGS, "--init_from", args.generalist, *args.patch_args.split()])
+                *PATCHES_FLAGS, "--init_from", args.generalist, *args.patch_args.split()], args.score_args.split())
         context = {"dataset": dataset, "data": os.path.relpath(root, ROOT), "machine": machine_name(),
                    "train_frames": training_frames(root)}
         for recipe in recipes if not subset_sizes else []:  # with --frames only the subsets are trained
