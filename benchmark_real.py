@@ -382,12 +382,13 @@ def learning_curve(rows: list[dict], dataset: str) -> dict:
     subsets = [row for row in rows if row["dataset"] == dataset and subset_of(row)]
     tools = dict.fromkeys(tool_of(row) for row in subsets)
     curves = {tool: [(row["train_frames"], row) for row in subsets if tool_of(row) == tool] for tool in tools}
+    all_frames = max((row["train_frames"] for row in rows if row["dataset"] == dataset and not subset_of(row)
+                      and "train_frames" in row), default=None)
     for tool in tools:
-        full = [row for row in rows if row["dataset"] == dataset and not subset_of(row) and tool_of(row) == tool
-                and "train_frames" in row]
-        if full:
+        full = [row for row in rows if row["dataset"] == dataset and not subset_of(row) and tool_of(row) == tool]
+        if full and all_frames:
             last = max(full, key=lambda row: row.get("epochs", 0))
-            curves[tool].append((last["train_frames"], last))
+            curves[tool].append((all_frames, last))
         curves[tool].sort(key=lambda point: point[0])
     return curves
 
@@ -446,7 +447,7 @@ def plot_race(rows: list[dict], path: str):
     datasets = list(dict.fromkeys(row["dataset"] for row in rows))
     tools = list(dict.fromkeys(tool_of(row) for row in rows if row["recipe"] != "ceiling"))
     colours = {tool: f"C{index % 10}" for index, tool in enumerate(tools)}  # one colour per tool in every panel
-    figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.6), squeeze=False)
+    figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 4.8), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         group = [row for row in rows if row["dataset"] == dataset]
         lines = {}
@@ -462,7 +463,7 @@ def plot_race(rows: list[dict], path: str):
         axis.set_title(dataset)
         axis.set_xlabel("training CPU-seconds")
         axis.set_xlim(left=0)
-        axis.legend(fontsize=7, loc="lower right")
+        axis.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncol=2, frameon=False)
         axis.set_ylim(0, 1)
         axis.grid(alpha=0.3)
     axes[0][0].set_ylabel("Instance Dice (256 × 256), test frames")
