@@ -131,18 +131,19 @@ def build(args, recipe, init: UNet | None) -> tuple[CellDataModule, UNet]:
     return data, model
 
 
-def fine_tuning_lr(model: UNet, data: CellDataModule, recipe, cuda: bool) -> float:
+def fine_tuning_lr(model: UNet, data: CellDataModule, recipe, cuda: bool) -> tuple[float, float | None]:
     """A fine-tuning run's learning rate: a tenth of 1e-3 keeps what a model knows of cells of its own kind, while
-    cells of another kind need the larger steps. "auto" tells them apart by the starting model's validation score."""
+    cells of another kind need the larger steps. "auto" tells them apart by the starting model's validation score,
+    returned beside the rate (None where the rate is given)."""
     if recipe.fine_tune_lr != "auto":
-        return float(recipe.fine_tune_lr)
+        return float(recipe.fine_tune_lr), None
     # each DDP process on its own GPU, as Lightning will place it (LOCAL_RANK, or SLURM_LOCALID under srun)
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
     start = validation_score(model, data.val_set, f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     model.to("cpu").train()  # Lightning keeps the modes it finds: BatchNorm must not start training in eval mode
     lr = 1e-4 if start >= KNOWN_CELLS_DICE else 1e-3
     say(f"--init_from model before training: val instance dice {start:.3f}: learning rate {lr:g}")
-    return lr
+    return lr, start
 
 
 def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, RunCheckpoint, bool]:
@@ -177,8 +178,9 @@ def train(args, recipe):
     kept_metrics = metrics_to_keep(args.out_dir, resume_from)
     init = load_model(args.init_from) if args.init_from else None
     data, model = build(args, recipe, init)
+    start_score = None
     if init is not None and not resume_from:  # a resumed run's optimiser state brings its rate back
-        model.hparams.lr = fine_tuning_lr(model, data, recipe, cuda)
+        model.hparams.lr, start_score = fine_tuning_lr(model, data, recipe, cuda)
     trainer, best, slurm = make_trainer(args, recipe, cuda)
     with contextlib.ExitStack() as held:
         if trainer.is_global_zero:  # one run per folder; the other DDP processes are this run's own
@@ -188,12 +190,17 @@ def train(args, recipe):
         restore_metrics(trainer.logger, kept_metrics)
         fit(trainer, model, data, resume_from, own_sigterm=not slurm and trainer.world_size == 1)
         if trainer.is_global_zero:
-            report(args, best)
+            report(args, best, start_score)
     return best
 
 
-def report(args, best):
+def report(args, best, start_score: float | None = None):
     print(f"best val_instance_dice: {best.best_model_score}; checkpoints in {best.dirpath}")
+    if start_score is not None and best.best_model_score is not None and float(best.best_model_score) <= start_score:
+        # too few or too unlike frames can unteach a model: say so rather than hand back a worse one silently
+        print(f"warning: fine-tuning did not beat the starting model on the validation frames ({start_score:.3f} "
+              f"before, {float(best.best_model_score):.3f} at best): keep using {args.init_from}, or annotate more "
+              "frames", file=sys.stderr)
     if args.export_to and best.best_model_path:
         export_weights(best.best_model_path, args.export_to)
         print(f"wrote {args.export_to} ({os.path.getsize(args.export_to) / 2 ** 20:.1f} MiB)")

@@ -353,17 +353,33 @@ def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows
     _, val_set, _ = training_sets(list_frames(root, "a", True), list_frames(root, "b", True), recipe,
                                   inherited_cell_width=bundled.hparams.cell_width)
     data = train.CellDataModule(None, val_set, 2, 1, 0)
-    assert train.fine_tuning_lr(bundled, data, recipe, cuda=False) == 1e-4
+    lr, start = train.fine_tuning_lr(bundled, data, recipe, cuda=False)
+    assert lr == 1e-4 and start >= train.KNOWN_CELLS_DICE
     assert all(module.training for module in bundled.modules())  # back in training mode, BatchNorm included
     torch.manual_seed(0)
     random = UNet(view="tiled", tile_size=256, intensity="percentile")
-    assert train.fine_tuning_lr(random, data, recipe, cuda=False) == 1e-3
+    lr, start = train.fine_tuning_lr(random, data, recipe, cuda=False)
+    assert lr == 1e-3 and start < train.KNOWN_CELLS_DICE
     assert "learning rate 0.001" in capsys.readouterr().out
     monkeypatch.setattr(train.rank_zero_only, "rank", 1)  # another DDP process: the same rate, said by rank 0 only
-    assert train.fine_tuning_lr(random, data, recipe, cuda=False) == 1e-3
+    assert train.fine_tuning_lr(random, data, recipe, cuda=False)[0] == 1e-3
     assert capsys.readouterr().out == ""
     fixed = load_recipe(os.path.join("recipes", "faithful.yaml"))
-    assert train.fine_tuning_lr(random, data, fixed, cuda=False) == 1e-4
+    assert train.fine_tuning_lr(random, data, fixed, cuda=False) == (1e-4, None)
+
+
+def test_a_fine_tuning_that_did_not_beat_its_start_says_so(capsys):
+    import types
+    import train
+    args = types.SimpleNamespace(export_to=None, init_from="models/bacteria_generalist.pt")
+    best = types.SimpleNamespace(best_model_score=torch.tensor(0.49), dirpath="run/checkpoints")
+    train.report(args, best, start_score=0.80)
+    err = capsys.readouterr().err
+    assert "warning: fine-tuning did not beat the starting model on the validation frames (0.800 before, 0.490" in err
+    assert "keep using models/bacteria_generalist.pt" in err
+    train.report(args, types.SimpleNamespace(best_model_score=torch.tensor(0.85), dirpath="d"), start_score=0.80)
+    train.report(args, best, start_score=None)  # the rate was given: nothing measured, nothing said
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.slow
