@@ -68,3 +68,13 @@ def noisy_border_core(seed, size=(256, 256), n_cells=120, noise=0.05):
     flip = rng.random(size) < noise
     semantic[flip] = rng.integers(0, 3, flip.sum())
     return semantic
+
+
+def rods(shape=(120, 150)):
+    """Three hand-placed cells: a horizontal rod, a vertical rod and an L, so that any mirror or turn shows."""
+    mask = np.zeros(shape, np.int32)
+    mask[20:32, 10:70] = 1
+    mask[40:110, 100:112] = 2
+    mask[70:82, 20:60] = 3
+    mask[50:82, 20:32] = 3
+    return mask

@@ -9,17 +9,7 @@ from augment import IGNORE, foreground_pixels, resample, sample_grid
 from augment_torch import (border_core_targets_torch, random_intensity_batch, random_patches, resample_batch,
                            sample_grids, stack_frames)
 from border_core import border_core_targets
-from conftest import dense_labels
-
-
-def rods(shape=(120, 150)):
-    """Three hand-placed cells: a horizontal rod, a vertical rod and an L (as tests/test_patches.py)."""
-    mask = np.zeros(shape, np.int32)
-    mask[20:32, 10:70] = 1
-    mask[40:110, 100:112] = 2
-    mask[70:82, 20:60] = 3
-    mask[50:82, 20:32] = 3
-    return mask
+from conftest import dense_labels, rods
 
 
 def test_targets_equal_the_numpy_ones():

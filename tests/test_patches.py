@@ -14,7 +14,7 @@ from torch import nn
 
 from augment import IGNORE, foreground_pixels, random_patch, resample, sample_grid
 from border_core import contact_pixels, instances_from_border_core, resize_nearest_exact
-from conftest import write_dataset
+from conftest import rods, write_dataset
 from data_files import list_frames, read_mask, rescale, to_uint8_range, write_sequence
 from dataset import ScaledFrames, UnlabelledFrames, read_labelled, training_sets
 from recipe import DEFAULT_RECIPE, RecipeError, load_recipe
@@ -23,16 +23,6 @@ from metrics import instance_dice
 from tiling import sliding_window_logits, tile_starts
 from unet import MIN_AREA_FRACTIONS, UNet, load_checkpoint
 from views import Tiled
-
-
-def rods(shape=(120, 150)):
-    """Three hand-placed cells: a horizontal rod, a vertical rod and an L, so that any mirror or turn shows."""
-    mask = np.zeros(shape, np.int32)
-    mask[20:32, 10:70] = 1
-    mask[40:110, 100:112] = 2
-    mask[70:82, 20:60] = 3
-    mask[50:82, 20:32] = 3
-    return mask
 
 
 @pytest.mark.parametrize("elastic", [0.0, 4.0])
