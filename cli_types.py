@@ -105,3 +105,10 @@ class Renamed(argparse.Action):
         if option_string and option_string != self.option_strings[0]:
             print(f"note: {option_string} is deprecated, use {self.option_strings[0]}", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def add_test_flips(parser: argparse.ArgumentParser):
+    """--test_flips, as inference.py and segment.py take it (unet.load_model's test_flips)."""
+    parser.add_argument("--test_flips", default="auto", choices=("auto", "on", "off"),
+                        help="average the logits over the four mirror images of each frame (four passes): auto takes "
+                             "what the model's recipe chose (default %(default)s)")

@@ -163,12 +163,12 @@ def training_sets(train_frames: list[Frame], val_frames: list[Frame], recipe, mo
         raise DataError(f"{train_frames[0].mask_path}: the training masks hold no cell")
     validation_only = {f.sequence for f in val_frames} - {f.sequence for f in train_frames}
     own_width = float(np.nanmedian(list(widths.values())))
-    if model_cell_width is None and inherited_cell_width is None and recipe.max_cell_width and \
-            own_width > recipe.max_cell_width:
+    from_scratch = model_cell_width is None and inherited_cell_width is None
+    if from_scratch and recipe.max_cell_width and own_width > recipe.max_cell_width:
         # from scratch, large cells: shrunk to max_cell_width, where a patch holds several cells and a frame costs
         # fewer pixels (Cellpose brings every cell to one diameter the same way)
         model_cell_width = float(recipe.max_cell_width)
-    elif model_cell_width is None and inherited_cell_width is None and recipe.min_ceiling:
+    elif from_scratch and recipe.min_ceiling:
         # from scratch: the narrowest scale at which the representation holds the training cells (a sample of frames)
         sample = [labels for _, _, labels in train[::max(1, len(train) // 8)]]
         width, _ = representable_width(sample, own_width, recipe.min_ceiling)

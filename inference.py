@@ -24,7 +24,7 @@ from border_core import SCORE_SIZE, instances_from_border_core, resize_nearest_e
 from data_files import (NATIVE_PREDICTION_PATTERN, PREDICTION_PATTERN, DataError, Frame, default_sequences,
                         error_line, frame_shape, list_frames, narrowest_unsigned, prediction_name,
                         write_tiff_atomically)
-from cli_types import HelpFormatter, Renamed, non_negative_int, positive_float, positive_int
+from cli_types import HelpFormatter, Renamed, add_test_flips, non_negative_int, positive_float, positive_int
 from dataset import UnlabelledFrames
 from folder_lock import lock_folder
 from postprocess_torch import instances_from_border_core_torch
@@ -294,11 +294,9 @@ def main(argv=None):
                         help="tiles per forward pass of a tiled-view model (default: "
                              f"{TILES_PER_PASS['cpu']} on a CPU, {TILES_PER_PASS['cuda']} on a GPU)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
-                        help="the model's arithmetic: auto = bf16 on a GPU that supports it, else fp16 on a GPU, "
-                             "fp32 on a CPU")
-    parser.add_argument("--test_flips", default="auto", choices=("auto", "on", "off"),
-                        help="average the logits over the four mirror images of each frame (four passes): auto takes "
-                             "what the model's recipe chose (default %(default)s)")
+                        help="the model's arithmetic: auto = bf16 on a GPU that supports it, else fp16 on a GPU; on a "
+                             "CPU bf16 where it has bf16 units (AMX, AVX-512 BF16), else fp32 (precision.py)")
+    add_test_flips(parser)
     parser.add_argument("--num_workers", type=non_negative_int, default=min(4, os.cpu_count() or 1),
                         help="loader processes that read and resize frames")
     parser.add_argument("--postprocess_workers", type=non_negative_int, default=min(8, os.cpu_count() or 1),
@@ -330,9 +328,7 @@ def main(argv=None):
                  f"{os.path.relpath(BUNDLED_MODEL)} is used)")
     try:
         # on the CPU: the pool below must fork before CUDA is initialised; the model moves to the device when it runs
-        model = load_model(args.from_checkpoint, map_location="cpu")
-        if args.test_flips != "auto":
-            model.average_flips = args.test_flips == "on"
+        model = load_model(args.from_checkpoint, map_location="cpu", test_flips=args.test_flips)
         sequences = chosen_sequences(args.root_dir, args.seqs, args.split)
         # every sequence found and every folder checked before the first file is deleted or written
         frames = {sequence: list_frames(args.root_dir, sequence, with_masks=False) for sequence in sequences}

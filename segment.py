@@ -39,7 +39,7 @@ import time
 
 import numpy as np
 
-from cli_types import HelpFormatter, non_negative_int, positive_float
+from cli_types import HelpFormatter, add_test_flips, non_negative_int, positive_float
 from data_files import DataError, error_line, replace_folder, to_uint8_range
 from movie_io import Movie, parse_frames, read_label_stack, read_movie
 
@@ -77,9 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="a checkpoint (.ckpt or exported .pt) (default: the bundled model "
                              "models/bacteria_generalist.pt)")
-    parser.add_argument("--test_flips", default="auto", choices=("auto", "on", "off"),
-                        help="average the logits over the four mirror images of each frame (four passes): auto takes "
-                             "what the model's recipe chose (default %(default)s)")
+    add_test_flips(parser)
     parser.add_argument("--gt", default=None, metavar="MASKS",
                         help="a mask stack (same frames and size) to score the prediction against, Instance Dice "
                              "(default: none)")
@@ -205,9 +203,7 @@ def segment(args) -> dict:
 
     from inference import predict_images
     from unet import load_model
-    model = load_model(model_path)
-    if args.test_flips != "auto":
-        model.average_flips = args.test_flips == "on"
+    model = load_model(model_path, test_flips=args.test_flips)
     say(f"model: {model_path} (trained at cells {model.hparams.cell_width or 'of the challenge frames'}"
         f"{' px wide' if model.hparams.cell_width else ''})")
     every = max(1, len(movie.frames) // 10)

@@ -90,7 +90,7 @@ class UNet(L.LightningModule):
         logits = self(batch["image"])
         pixel_loss = F.cross_entropy(logits, batch["target"], ignore_index=IGNORE, reduction="none")
         loss = (pixel_loss * batch["weight"]).sum() / batch["weight"].sum().clamp_min(1e-6)
-        if self.hparams.get("dice_weight", 0):
+        if self.hparams.dice_weight:
             loss = loss + self.hparams.dice_weight * soft_dice_loss(logits, batch["target"])
         # sync_dist: under DDP the epoch's loss is the mean over all processes (reduced once, at the epoch's end)
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=len(pixel_loss),
@@ -248,10 +248,10 @@ def load_checkpoint(path, map_location="cpu", keys=CHECKPOINT_KEYS) -> dict:
     return checkpoint
 
 
-def load_model(path, map_location="cpu") -> UNet:
+def load_model(path, map_location="cpu", test_flips: str = "auto") -> UNet:
     """The UNet of a checkpoint of train.py (what UNet.load_from_checkpoint gives, read through load_checkpoint) or of
     a weights file of export_weights (float16 weights, read back as float32), set to predict with test-time flips
-    where its recipe chose them (hparams.test_flips)."""
+    where its recipe chose them (hparams.test_flips; test_flips "on" or "off" overrides)."""
     checkpoint = load_checkpoint(path, map_location, keys=WEIGHTS_KEYS)
     hparams = legacy_hparams(dict(checkpoint["hyper_parameters"]))
     if hparams.get("cell_width") is not None and not np.isfinite(float(hparams["cell_width"])):
@@ -267,7 +267,7 @@ def load_model(path, map_location="cpu") -> UNet:
         first = str(error).strip().splitlines()
         raise CheckpointError(path, f"weights do not fit the U-Net: {first[1].strip() if len(first) > 1 else error}") \
             from error
-    model.average_flips = bool(model.hparams.test_flips)  # predicts as its recipe chose
+    model.average_flips = bool(model.hparams.test_flips) if test_flips == "auto" else test_flips == "on"
     return model.to(map_location)
 
 

@@ -105,6 +105,8 @@ def test_a_model_loads_predicting_with_the_flips_its_recipe_chose(tmp_path):
         torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams)}, path)
         loaded = load_model(str(path))
         assert loaded.average_flips is chosen
+        assert load_model(str(path), test_flips="on").average_flips is True  # --test_flips overrides the recipe
+        assert load_model(str(path), test_flips="off").average_flips is False
         x = torch.rand(1, 1, 16, 16)
         with torch.no_grad():
             assert torch.allclose(loaded.eval()(x.flip(-1)).flip(-1), loaded(x), atol=1e-5) is chosen

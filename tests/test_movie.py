@@ -53,7 +53,7 @@ def stand_in_model(monkeypatch):
         return [frame.astype(np.int32) for frame in labels]
 
     monkeypatch.setattr(inference, "predict_images", predict_images)
-    monkeypatch.setattr(unet, "load_model", lambda path: Model())
+    monkeypatch.setattr(unet, "load_model", lambda path, **options: Model())
     return calls
 
 
