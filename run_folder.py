@@ -5,7 +5,8 @@ import csv
 import glob
 import os
 
-from lightning.pytorch.callbacks import ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 
@@ -98,3 +99,23 @@ class RunCheckpoint(ModelCheckpoint):
             kth_best_model_path=here(state_dict.get("kth_best_model_path", "")),
             last_model_path=here(state_dict.get("last_model_path", "")),
             best_k_models={here(path): score for path, score in state_dict.get("best_k_models", {}).items()}))
+
+
+class StartingModelAsBest(Callback):
+    """A fine-tuning run's first candidate for best.ckpt: the starting model itself, with its validation score and
+    size filter (unet.validation_score). An epoch replaces it only by scoring higher, so fine-tuning on too few or too
+    unlike frames never hands back a model that does worse on the validation frames than the one it started from."""
+
+    def __init__(self, best: RunCheckpoint, score: float, min_area_fraction: float):
+        self.best, self.score, self.min_area_fraction = best, score, min_area_fraction
+
+    def on_train_start(self, trainer, pl_module):
+        if trainer.global_step:  # resumed: best.ckpt and the best's state came back from the checkpoint
+            return
+        path = os.path.join(self.best.dirpath, self.best.filename + self.best.FILE_EXTENSION)
+        score = torch.tensor(self.score, dtype=torch.float64)  # float(best_model_score) is the score given
+        self.best.best_k_models = {path: score}
+        self.best.kth_best_model_path = self.best.best_model_path = path
+        self.best.kth_value = self.best.best_model_score = score
+        pl_module.hparams.min_area_fraction = self.min_area_fraction
+        trainer.save_checkpoint(path)

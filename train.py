@@ -39,7 +39,7 @@ from data_files import DataError, atomic_write, default_sequences, error_line
 from dataset import CellDataModule, labelled_frames, training_sets
 from recipe import DEFAULT_RECIPE, RecipeError, load_recipe, recipe_yaml
 from folder_lock import lock_folder
-from run_folder import RunCheckpoint, checkpoint_to_resume, metrics_to_keep, restore_metrics
+from run_folder import RunCheckpoint, StartingModelAsBest, checkpoint_to_resume, metrics_to_keep, restore_metrics
 from slurm import RequeueOnSignal, Terminated, slurm_settings, stop_on_sigterm
 from unet import UNet, export_weights, load_model, validation_score
 
@@ -131,28 +131,39 @@ def build(args, recipe, init: UNet | None) -> tuple[CellDataModule, UNet]:
     return data, model
 
 
-def fine_tuning_lr(model: UNet, data: CellDataModule, recipe, cuda: bool) -> tuple[float, float | None]:
-    """A fine-tuning run's learning rate: a tenth of 1e-3 keeps what a model knows of cells of its own kind, while
-    cells of another kind need the larger steps. "auto" tells them apart by the starting model's validation score,
-    returned beside the rate (None where the rate is given)."""
-    if recipe.fine_tune_lr != "auto":
-        return float(recipe.fine_tune_lr), None
+def starting_model_score(model: UNet, data: CellDataModule, cuda: bool) -> tuple[float, float]:
+    """The Instance Dice of a fine-tuning run's starting model on the validation frames, and its size filter."""
     # each DDP process on its own GPU, as Lightning will place it (LOCAL_RANK, or SLURM_LOCALID under srun)
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
-    start = validation_score(model, data.val_set, f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
+    score, fraction = validation_score(model, data.val_set,
+                                       f"cuda:{local_rank % torch.cuda.device_count()}" if cuda else "cpu")
     model.to("cpu").train()  # Lightning keeps the modes it finds: BatchNorm must not start training in eval mode
-    lr = 1e-4 if start >= KNOWN_CELLS_DICE else 1e-3
-    say(f"--init_from model before training: val instance dice {start:.3f}: learning rate {lr:g}")
-    return lr, start
+    say(f"--init_from model before training: val instance dice {score:.3f}")
+    return score, fraction
 
 
-def make_trainer(args, recipe, cuda: bool) -> tuple[L.Trainer, RunCheckpoint, bool]:
+def fine_tuning_lr(recipe, start_score: float) -> float:
+    """A fine-tuning run's learning rate: a tenth of 1e-3 keeps what a model knows of cells of its own kind, while
+    cells of another kind need the larger steps. "auto" tells them apart by the starting model's validation score."""
+    if recipe.fine_tune_lr != "auto":
+        return float(recipe.fine_tune_lr)
+    lr = 1e-4 if start_score >= KNOWN_CELLS_DICE else 1e-3
+    say(f"fine-tuning learning rate {lr:g} (starting score {'>=' if lr == 1e-4 else '<'} {KNOWN_CELLS_DICE})")
+    return lr
+
+
+def make_trainer(args, recipe, cuda: bool, start: tuple[float, float] | None = None
+                 ) -> tuple[L.Trainer, RunCheckpoint, bool]:
+    """The Trainer and its best.ckpt callback; `start` (a fine-tuning run's starting score and size filter) makes the
+    starting model the first candidate for best.ckpt."""
     checkpoint_dir = os.path.join(args.out_dir, "checkpoints")
     best = RunCheckpoint(dirpath=checkpoint_dir, filename="best", monitor="val_instance_dice", mode="max",
                          save_top_k=1)
     # last.ckpt every epoch; not save_last=True above, which Lightning writes only in an epoch whose score improved
     last = RunCheckpoint(dirpath=checkpoint_dir, filename="last", enable_version_counter=False)
     callbacks = [best, last, EnergyCallback(), EpochLine()]
+    if start is not None:
+        callbacks.append(StartingModelAsBest(best, *start))
     if recipe.ema_decay:
         callbacks.append(WarmedEMA(recipe.ema_decay))
     if recipe.early_stopping_patience:
@@ -178,10 +189,11 @@ def train(args, recipe):
     kept_metrics = metrics_to_keep(args.out_dir, resume_from)
     init = load_model(args.init_from) if args.init_from else None
     data, model = build(args, recipe, init)
-    start_score = None
+    start = None
     if init is not None and not resume_from:  # a resumed run's optimiser state brings its rate back
-        model.hparams.lr, start_score = fine_tuning_lr(model, data, recipe, cuda)
-    trainer, best, slurm = make_trainer(args, recipe, cuda)
+        start = starting_model_score(model, data, cuda)
+        model.hparams.lr = fine_tuning_lr(recipe, start[0])
+    trainer, best, slurm = make_trainer(args, recipe, cuda, start)
     with contextlib.ExitStack() as held:
         if trainer.is_global_zero:  # one run per folder; the other DDP processes are this run's own
             held.enter_context(lock_folder(args.out_dir, "train.py"))
@@ -190,17 +202,17 @@ def train(args, recipe):
         restore_metrics(trainer.logger, kept_metrics)
         fit(trainer, model, data, resume_from, own_sigterm=not slurm and trainer.world_size == 1)
         if trainer.is_global_zero:
-            report(args, best, start_score)
+            report(args, best, start[0] if start else None)
     return best
 
 
 def report(args, best, start_score: float | None = None):
     print(f"best val_instance_dice: {best.best_model_score}; checkpoints in {best.dirpath}")
     if start_score is not None and best.best_model_score is not None and float(best.best_model_score) <= start_score:
-        # too few or too unlike frames can unteach a model: say so rather than hand back a worse one silently
-        print(f"warning: fine-tuning did not beat the starting model on the validation frames ({start_score:.3f} "
-              f"before, {float(best.best_model_score):.3f} at best): keep using {args.init_from}, or annotate more "
-              "frames", file=sys.stderr)
+        # too few or too unlike frames can unteach a model: best.ckpt is then the starting model (StartingModelAsBest)
+        print(f"warning: no epoch beat the starting model on the validation frames (val instance dice "
+              f"{start_score:.3f}): best.ckpt holds {args.init_from}'s weights; annotate more frames, or other ones",
+              file=sys.stderr)
     if args.export_to and best.best_model_path:
         export_weights(best.best_model_path, args.export_to)
         print(f"wrote {args.export_to} ({os.path.getsize(args.export_to) / 2 ** 20:.1f} MiB)")

@@ -176,17 +176,19 @@ def best_size_filter(scores: dict) -> float:
 
 
 @torch.inference_mode()
-def validation_score(model: UNet, val_set, device="cpu") -> float:
-    """Mean Instance Dice of a model on a validation set, with the best size filter, outside a Trainer."""
+def validation_score(model: UNet, val_set, device="cpu") -> tuple[float, float]:
+    """Mean Instance Dice of a model on a validation set with the best size filter, outside a Trainer, and that
+    filter (a min_area_fraction)."""
     model = model.to(device).eval()
-    scores = {fraction: [] for fraction in MIN_AREA_FRACTIONS}
+    scores = {fraction: [] for fraction in model.size_filters}  # the candidates its validation loop would weigh
     for item in val_set:
         semantic = model.view.logits(model, item["image"][None].to(device)).argmax(1)[0].cpu().numpy()
-        for fraction, value in zip(MIN_AREA_FRACTIONS, score_frame(model, semantic, item["instances"].numpy(),
-                                                                   item["shape"].tolist(), MIN_AREA_FRACTIONS)):
+        for fraction, value in zip(model.size_filters, score_frame(model, semantic, item["instances"].numpy(),
+                                                                   item["shape"].tolist(), model.size_filters)):
             scores[fraction].append(value)
     means = {fraction: float(np.mean(values)) for fraction, values in scores.items()}
-    return means[best_size_filter(means)]
+    fraction = best_size_filter(means)
+    return means[fraction], fraction
 
 
 # ------------------------------------------------------------------------------------------------------------ checkpoints

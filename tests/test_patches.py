@@ -2,6 +2,7 @@
 a frame fits one tile and leaves no seam where it does not, one normalisation for every dtype, the scale, and a short
 patch-recipe training with fine-tuning from its checkpoint."""
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -343,33 +344,67 @@ def test_fine_tuning_takes_a_tenth_of_the_learning_rate_on_cells_the_model_knows
     _, val_set, _ = training_sets(list_frames(root, "a", True), list_frames(root, "b", True), recipe,
                                   inherited_cell_width=bundled.hparams.cell_width)
     data = train.CellDataModule(None, val_set, 2, 1, 0)
-    lr, start = train.fine_tuning_lr(bundled, data, recipe, cuda=False)
-    assert lr == 1e-4 and start >= train.KNOWN_CELLS_DICE
+    start, fraction = train.starting_model_score(bundled, data, cuda=False)
+    assert start >= train.KNOWN_CELLS_DICE and fraction in MIN_AREA_FRACTIONS
+    assert train.fine_tuning_lr(recipe, start) == 1e-4
     assert all(module.training for module in bundled.modules())  # back in training mode, BatchNorm included
     torch.manual_seed(0)
     random = UNet(view="tiled", tile_size=256, intensity="percentile")
-    lr, start = train.fine_tuning_lr(random, data, recipe, cuda=False)
-    assert lr == 1e-3 and start < train.KNOWN_CELLS_DICE
+    start, _ = train.starting_model_score(random, data, cuda=False)
+    assert start < train.KNOWN_CELLS_DICE and train.fine_tuning_lr(recipe, start) == 1e-3
     assert "learning rate 0.001" in capsys.readouterr().out
     monkeypatch.setattr(train.rank_zero_only, "rank", 1)  # another DDP process: the same rate, said by rank 0 only
-    assert train.fine_tuning_lr(random, data, recipe, cuda=False)[0] == 1e-3
+    assert train.fine_tuning_lr(recipe, start) == 1e-3
     assert capsys.readouterr().out == ""
     fixed = load_recipe(os.path.join("recipes", "faithful.yaml"))
-    assert train.fine_tuning_lr(random, data, fixed, cuda=False) == (1e-4, None)
+    assert train.fine_tuning_lr(fixed, start) == 1e-4
 
 
 def test_a_fine_tuning_that_did_not_beat_its_start_says_so(capsys):
     import types
     import train
     args = types.SimpleNamespace(export_to=None, init_from="models/bacteria_generalist.pt")
-    best = types.SimpleNamespace(best_model_score=torch.tensor(0.49), dirpath="run/checkpoints")
+    best = types.SimpleNamespace(best_model_score=torch.tensor(0.8, dtype=torch.float64), dirpath="run/checkpoints")
     train.report(args, best, start_score=0.80)
     err = capsys.readouterr().err
-    assert "warning: fine-tuning did not beat the starting model on the validation frames (0.800 before, 0.490" in err
-    assert "keep using models/bacteria_generalist.pt" in err
+    assert "warning: no epoch beat the starting model on the validation frames (val instance dice 0.800): " \
+           "best.ckpt holds models/bacteria_generalist.pt's weights" in err
     train.report(args, types.SimpleNamespace(best_model_score=torch.tensor(0.85), dirpath="d"), start_score=0.80)
-    train.report(args, best, start_score=None)  # the rate was given: nothing measured, nothing said
+    train.report(args, best, start_score=None)  # a run from scratch: nothing to compare with
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_fine_tuning_never_hands_back_a_model_worse_than_its_start(tmp_path, capsys):
+    """A learning rate that wrecks the bundled model in its first steps: no epoch beats the starting model on the
+    validation frames, so best.ckpt holds the starting weights, with the size filter the start chose; last.ckpt the
+    wrecked ones."""
+    import simulate
+    import train
+    from inference import BUNDLED_MODEL
+    from unet import load_model
+
+    frames = [(image, labels) for image, labels, _ in simulate.simulate_sequence(40, (160, 160), seed=7)][30::3]
+    root = str(tmp_path / "data")
+    write_sequence(root, "a", frames[:2])
+    write_sequence(root, "b", frames[2:])
+    bundled = load_model(BUNDLED_MODEL)
+    train.main(["--root_dir", root, "--train_seqs", "a", "--val_seqs", "b", "--out_dir", str(tmp_path / "run"),
+                "--init_from", BUNDLED_MODEL, "--num_epochs", "2", "--batch_size", "4", "--num_workers", "0",
+                "--set", "patches_per_epoch=8", "--set", "min_steps=0", "--set", "fine_tune_lr=10",
+                "--precision", "32-true"])
+    out, err = capsys.readouterr()
+    start = float(re.search(r"--init_from model before training: val instance dice ([0-9.]+)", out).group(1))
+    assert start > 0.5 and "warning: no epoch beat the starting model" in err
+    best = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))
+    last = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))
+    assert best["global_step"] == 0 and last["global_step"] == 4
+    weights = bundled.state_dict()
+    assert all(torch.equal(best["state_dict"][name].float(), weights[name].float()) for name in weights)
+    assert not all(torch.equal(last["state_dict"][name].float(), weights[name].float()) for name in weights)
+    assert best["hyper_parameters"]["min_area_fraction"] in MIN_AREA_FRACTIONS
+    kept = load_model(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))
+    assert kept.hparams.cell_width == bundled.hparams.cell_width
 
 
 @pytest.mark.slow

@@ -97,7 +97,7 @@ def test_min_area_fraction_is_chosen_on_validation_frames(fragments):
         assert model.hparams.min_area_fraction == 1 / 16 and result["val_instance_dice"] == pytest.approx(1.0)
     else:  # nothing to gain: no filter
         assert best_size_filter(scores) == 0 and model.hparams.min_area_fraction == 0
-    assert validation_score(model, [validation_frame(gt)]) == pytest.approx(1.0)
+    assert validation_score(model, [validation_frame(gt)]) == (pytest.approx(1.0), 1 / 16 if fragments else 0)
 
 
 def test_recorded_fraction_reaches_inference(tmp_path):
