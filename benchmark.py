@@ -9,10 +9,12 @@ Rows: border-core targets (vs a per-instance erosion loop), instances_from_borde
 instance_dice (vs acvl-utils' matching), the training loader (cached vs decoding and computing targets per item) and
 the training step alone, inference end to end (model + overlapped postprocessing and writing) vs the model alone,
 tracking: linking consecutive GT frames into tracks (track.link_tracks; no straightforward version to compare with),
-the bundled model's inference frame by frame (the old path: one frame per batch, 4 tiles per forward pass, fp16 on a
-GPU) against batched inference (the new path: --batch_size frames per batch, their tiles together, bf16 on a GPU):
-reading + model, postprocessing and end to end, outputs checked equal (on a GPU, where the precisions differ, their
-agreement reported), with the FLOPs of a frame's forward passes and the share of the chip's bf16 peak they reach; then
+the bundled model's inference frame by frame (the old path: one frame per batch, tiles of the model's tile_size, 4
+per forward pass, fp32 on a CPU, fp16 on a GPU) against batched inference (the new path: --batch_size frames per batch,
+the tile layout chosen for the device (tiling.py: on a CPU small tiles one per pass, on a GPU many tiles of all frames
+together), bf16 where the chip has units for it): reading + model, postprocessing and end to end, outputs checked equal
+(where the precisions or the tiles differ, their agreement reported), with the FLOPs of a frame's forward passes and
+the share of the chip's bf16 peak they reach; then
 the training patches' sampling and augmentation one at a time with numpy (augment.py, what a loader worker does)
 against a batch on the device (augment_torch.py); every shipped model alone, postprocessed and end to end.
 Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
@@ -46,6 +48,7 @@ from energy import EnergyMeter
 from precision import autocast_dtype
 from inference import (BUNDLED_MODEL, MODELS_DIR, TILES_PER_PASS, border_core_maps, frames_loader,
                        pick_device, predict_images, predict_sequence)
+from tiling import Layout, frame_layout
 from metrics import instance_dice
 from postprocess_torch import instances_from_border_core_torch
 from track import link_tracks
@@ -273,9 +276,19 @@ def inference_rows(root, sequence, input_size, batch_size, device, workers):
 
 def inference_paths(device, batch_size: int) -> dict:
     """The old and the new inference path, as predict_sequence's arguments."""
-    return {"frame by frame (old)": dict(batch_size=1, tile_batch=4,
+    return {"frame by frame (old)": dict(batch_size=1, tile_batch=4, tiling="fixed",
                                          precision="fp16" if device.type == "cuda" else "fp32"),
-            "batched (new)": dict(batch_size=batch_size, tile_batch=None, precision="auto")}
+            "batched (new)": dict(batch_size=batch_size, tile_batch=None, tiling="auto", precision="auto")}
+
+
+DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def path_layout(model, shape, device, path) -> Layout:
+    """The tile layout a path gives frames of this shape (at the model's scale) on the device, in its precision."""
+    dtype = autocast_dtype(device, path["precision"])
+    with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        return frame_layout(model, *shape, device.type, model.view.tile_size, path["tiling"])
 
 
 def peak_bf16_flops(device) -> float | None:
@@ -288,13 +301,14 @@ def peak_bf16_flops(device) -> float | None:
     return next((tflops * 1e12 for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
-def frame_flops(model, image: torch.Tensor, device, tile_batch: int | None) -> float:
-    """FLOPs of the forward passes that predict one frame (a multiply-add counted as 2; tiles' overlap included)."""
+def frame_flops(model, image: torch.Tensor, device, path: dict) -> float:
+    """FLOPs of the forward passes that predict one frame as the path does (a multiply-add counted as 2; tiles'
+    overlap included)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
-        list(border_core_maps(model, [(image[None], torch.tensor([0]))], device, precision="fp32",
-                              tile_batch=tile_batch))
+        list(border_core_maps(model, [(image[None], torch.tensor([0]))], device, precision=path["precision"],
+                              tile_batch=path["tile_batch"], tiling=path["tiling"]))
     return float(counter.get_total_flops())
 
 
@@ -315,10 +329,10 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
     thresholds = (hparams.small_center_threshold, hparams.isolated_border_threshold, hparams.min_area_fraction)
     peak = peak_bf16_flops(device)
     name = os.path.basename(model_path)
-    rows, summary, maps, written, baseline = [], {}, {}, {}, {}
+    rows, summary, maps, written, baseline, layouts = [], {}, {}, {}, {}, {}
     for path_name, path in inference_paths(device, batch_size).items():
         loader = frames_loader(model, frames, 1.0, path["batch_size"], workers, device, shapes)
-        arguments = dict(precision=path["precision"], tile_batch=path["tile_batch"])
+        arguments = dict(precision=path["precision"], tile_batch=path["tile_batch"], tiling=path["tiling"])
         if cuda:  # warm-up: CUDA context, cudnn's choice for the batch shapes (the first batches hold them all)
             for _ in itertools.islice(border_core_maps(model, loader, device, **arguments), 3):
                 pass
@@ -341,14 +355,18 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
         written[path_name] = read_predictions(os.path.join(pred_dir, sequence))
         shutil.rmtree(pred_dir)
         image = next(iter(frames_loader(model, frames[:1], 1.0, 1, 0, device, shapes[:1])))[0][0]
-        flops = frame_flops(model, image, device, path["tile_batch"])
+        flops = frame_flops(model, image, device, path)
         model_fps = n / model_stage.seconds
         dtype = autocast_dtype(device, path["precision"])
         tiles = path["tile_batch"] or TILES_PER_PASS.get(device.type, TILES_PER_PASS["cpu"])
-        how = (f"{path['batch_size']} frame(s) a batch, {tiles} tiles a pass, "
-               f"{ {None: 'fp32', torch.bfloat16: 'bf16', torch.float16: 'fp16'}[dtype]}")
+        layout = layouts[path_name] = path_layout(model, image.shape[-2:], device, path)
+        tiles_a_frame = len(layout.ys) * len(layout.xs)
+        how = (f"{path['batch_size']} frame(s) a batch, {tiles_a_frame} tile(s) of {layout.tile_h} x {layout.tile_w} "
+               f"a frame ({path['tiling']}, {layout.input_pixels() / (image.shape[-2] * image.shape[-1]):.2f}x its "
+               f"pixels), {tiles} a pass, {DTYPE_NAMES[dtype]}")
         summary[path_name] = {
             **arguments, "batch_size": path["batch_size"], "frames": n, "frame_shape": list(shapes[0]),
+            "tile_shape": [layout.tile_h, layout.tile_w], "tiles_per_frame": tiles_a_frame,
             "model_frames_per_s": model_fps, "postprocessing_frames_per_s": n / post_stage.seconds,
             "end_to_end_frames_per_s": n / end_stage.seconds,
             "wh_per_frame": (end_stage.energy_wh() / n) if end_stage.energy_wh() is not None else None,
@@ -369,11 +387,17 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
     old, new = maps.values()
     old_files, new_files = written.values()
     precisions = [autocast_dtype(device, path["precision"]) for path in inference_paths(device, batch_size).values()]
-    if precisions[0] != precisions[1]:  # fp16 or fp32 against bf16: the same frames, nearly the same maps
+    old_layout, new_layout = layouts.values()
+    if precisions[0] != precisions[1] or old_layout != new_layout:
+        # another precision (fp16 or fp32 against bf16) or other tiles: the same frames, nearly the same maps
         agree = np.mean([np.mean(a == b) for a, b in zip(old, new)])
         summary["map_agreement"] = float(agree)
-        names = [{None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype] for dtype in precisions]
-        rows[-1]["note"] += f"; old and new maps agree on {100 * agree:.2f} % of the pixels ({' vs '.join(names)})"
+        differences = []
+        if precisions[0] != precisions[1]:
+            differences.append(" vs ".join(DTYPE_NAMES[dtype] for dtype in precisions))
+        if old_layout != new_layout:
+            differences.append(" vs ".join(f"{layout.tile_h} x {layout.tile_w} tiles" for layout in layouts.values()))
+        rows[-1]["note"] += f"; old and new maps agree on {100 * agree:.2f} % of the pixels ({', '.join(differences)})"
     else:
         assert all(np.array_equal(a, b) for a, b in zip(old, new)), "batched maps differ from frame by frame"
         assert old_files.keys() == new_files.keys() and all(np.array_equal(old_files[k], new_files[k])

@@ -31,13 +31,12 @@ from postprocess_torch import instances_from_border_core_torch
 from energy import EnergyMeter
 from scale import frame_scale, median_cell_width
 from precision import PRECISIONS, autocast_dtype
+from tiling import TILES_PER_PASS, TILINGS
 from unet import UNet, load_model
 
 
 MODELS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "models")
 BUNDLED_MODEL = os.path.join(MODELS_DIR, "bacteria_generalist.pt")
-# tiles of a tiled-view model per forward pass: a few on a CPU (larger batches do not run faster there), many on a GPU
-TILES_PER_PASS = {"cpu": 4, "cuda": 64}
 # at most this many input pixels in a batch of frames: bounds the float32 logits a batch holds (12 bytes a pixel)
 BATCH_PIXELS = 2 ** 24
 
@@ -50,13 +49,14 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", instances: bool = False,
-                     precision: str = "auto", tile_batch: int | None = None):
+                     precision: str = "auto", tile_batch: int | None = None, tiling: str = "auto"):
     """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices), as the model's view sees
     the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in bf16 (or
     fp16) autocast and channels_last, the layout its tensor cores prefer (autocast_dtype: `precision`). A tiled-view
-    model runs `tile_batch` tiles per forward pass (default: TILES_PER_PASS of the device), taken from all frames of a
-    batch. Only the argmax (1 byte per pixel) comes back to the host; with `instances`, the instance maps
-    postprocessed on the device instead (postprocess_torch.py)."""
+    model lays the frames out in tiles for the device (tiling.py: `tiling`) and runs `tile_batch` tiles per forward
+    pass (default: TILES_PER_PASS of the device: one on a CPU), taken from all frames of a batch. Only the argmax
+    (1 byte per pixel) comes back to the host; with `instances`, the instance maps postprocessed on the device
+    instead (postprocess_torch.py)."""
     device = pick_device(device) if isinstance(device, str) else device
     cuda = device.type == "cuda"
     dtype = autocast_dtype(device, precision)
@@ -69,7 +69,7 @@ def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", i
         if cuda:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            semantic = model.view.logits(model, images, tile_batch).argmax(1).to(torch.uint8)
+            semantic = model.view.logits(model, images, tile_batch, tiling).argmax(1).to(torch.uint8)
         if instances:
             hparams = model.hparams
             semantic = instances_from_border_core_torch(semantic, hparams.small_center_threshold,
@@ -107,7 +107,8 @@ class Postprocess:
 
 def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device,
                                                    postprocess: "Postprocess", pool=None, in_flight: int = 4,
-                                                   precision: str = "auto", tile_batch: int | None = None):
+                                                   precision: str = "auto", tile_batch: int | None = None,
+                                                   tiling: str = "auto"):
     """The one inference path (the baseline's name): run the model over a loader of (images, indices) batches and
     yield (index, postprocess(index, border-core map)) in loader order.
 
@@ -115,7 +116,8 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
     `in_flight` batches ahead, so memory stays bounded; a worker's error is raised here.
     """
     pending = deque()
-    for indices, maps in border_core_maps(model, loader, device, postprocess.on_device, precision, tile_batch):
+    for indices, maps in border_core_maps(model, loader, device, postprocess.on_device, precision, tile_batch,
+                                          tiling):
         if pool is None:
             yield from zip(indices, map(postprocess, indices, maps))
             continue
@@ -196,12 +198,12 @@ def sequence_scale(model: UNet, frames: list, device: torch.device, cell_width: 
 
 def predict_images(model: UNet, images, cell_width: float | None = None, device: str | torch.device = "auto",
                    progress=None, batch_size: int = 8, precision: str = "auto",
-                   tile_batch: int | None = None) -> list[np.ndarray]:
+                   tile_batch: int | None = None, tiling: str = "auto") -> list[np.ndarray]:
     """Instance maps (uint32, at each image's own size) of 2-D images (arrays of any dtype), e.g. a movie's frames.
 
     cell_width: the cells' width in these images, px; None: estimated from them. `progress(done, total)` is called
-    after each frame. batch_size: frames per batch (consecutive frames of one size); precision, tile_batch: see
-    border_core_maps."""
+    after each frame. batch_size: frames per batch (consecutive frames of one size); precision, tile_batch, tiling:
+    see border_core_maps."""
     device = pick_device(device) if isinstance(device, str) else device
     images = list(images)
     shapes = [np.shape(image) for image in images]
@@ -210,7 +212,8 @@ def predict_images(model: UNet, images, cell_width: float | None = None, device:
     postprocess = Postprocess(model, shapes, native=True, on_device=device.type == "cuda")
     results = [None] * len(images)
     predictions = predict_instance_segmentation_from_border_core(model, loader, device, postprocess,
-                                                                 precision=precision, tile_batch=tile_batch)
+                                                                 precision=precision, tile_batch=tile_batch,
+                                                                 tiling=tiling)
     for done, (index, labels) in enumerate(predictions, 1):
         results[index] = labels
         if progress:
@@ -220,10 +223,11 @@ def predict_images(model: UNet, images, cell_width: float | None = None, device:
 
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
                      device: torch.device, pool=None, cell_width: float | None = None, native: bool = False,
-                     scale_each_frame: bool = False, precision: str = "auto", tile_batch: int | None = None) -> int:
+                     scale_each_frame: bool = False, precision: str = "auto", tile_batch: int | None = None,
+                     tiling: str = "auto") -> int:
     """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames. cell_width: the
     cells' width in these frames, px (None: estimated, once for the sequence or, with scale_each_frame, per frame).
-    batch_size: frames per batch; precision, tile_batch: see border_core_maps."""
+    batch_size: frames per batch; precision, tile_batch, tiling: see border_core_maps."""
     frames = list_frames(root_dir, sequence, with_masks=False)
     shapes = [frame_shape(f.image_path) for f in frames]
     scale = sequence_scale(model, frames, device, cell_width, scale_each_frame, name=f"sequence {sequence}",
@@ -234,7 +238,8 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
     postprocess = Postprocess(model, shapes, [f.name for f in frames], out_folder, native,
                               on_device=device.type == "cuda")
     return sum(1 for _ in predict_instance_segmentation_from_border_core(model, loader, device, postprocess, pool,
-                                                                         precision=precision, tile_batch=tile_batch))
+                                                                         precision=precision, tile_batch=tile_batch,
+                                                                         tiling=tiling))
 
 
 def old_predictions(pred_dir: str, sequence: str) -> list[str]:
@@ -293,6 +298,11 @@ def main(argv=None):
     parser.add_argument("--tile_batch", type=positive_int, default=None,
                         help="tiles per forward pass of a tiled-view model (default: "
                              f"{TILES_PER_PASS['cpu']} on a CPU, {TILES_PER_PASS['cuda']} on a GPU)")
+    parser.add_argument("--tiling", default="auto", choices=TILINGS,
+                        help="a tiled-view model's tile layout: auto = on a CPU the layout of least predicted CPU "
+                             "time for the frame's size (small tiles, overlap at least 4 x 2 ** poolings px, or the "
+                             "whole frame), on a GPU the model's tile_size; fixed = tiles of the model's tile_size "
+                             "overlapping by a quarter (tiling.py)")
     parser.add_argument("--precision", default="auto", choices=PRECISIONS,
                         help="the model's arithmetic: auto = bf16 on a GPU that supports it, else fp16 on a GPU; on a "
                              "CPU bf16 where it has bf16 units (AMX, AVX-512 BF16), else fp32 (precision.py)")
@@ -357,7 +367,7 @@ def predict_all(args, model: UNet, sequences: list[str]):
         for sequence in sequences:
             count = predict_sequence(model, args.root_dir, sequence, args.pred_dir, args.batch_size,
                                      args.num_workers, device, pool, args.cell_width, args.native,
-                                     args.scale_each_frame, args.precision, args.tile_batch)
+                                     args.scale_each_frame, args.precision, args.tile_batch, args.tiling)
             total += count
             print(f"sequence {sequence}: {count} frames -> {os.path.join(args.pred_dir, sequence)}")
     finally:

@@ -1,9 +1,59 @@
 """Tiled prediction: the class logits of a frame of any size from a fully convolutional model, tile by tile, blended
-with centre-weighted maps as nnU-Net's sliding window does. Memory is bounded by a batch of tiles, not by the frame."""
+with centre-weighted maps as nnU-Net's sliding window does. Memory is bounded by a batch of tiles, not by the frame.
+
+The tile layout is chosen for the device, once per frame size (choose_layout):
+
+    fixed   tiles of the model's recorded tile_size overlapping by a quarter, many per forward pass: a GPU's layout,
+            and the only one before layouts were chosen ("auto" on a GPU)
+    auto    on a CPU, the layout that needs the least predicted CPU time (cheapest_cpu_layout): per pixel the network
+            costs more in larger tiles (their activations leave the cache) and overlapping pixels are paid twice, so
+            it weighs one against the other, one tile per pass, neighbours overlapping by at least MIN_OVERLAP
+
+    logits = sliding_window_logits(model, images)                      # auto, for the images' device
+    logits = sliding_window_logits(model, images, tiling="fixed")      # the recorded tile_size, a quarter overlap
+"""
+import functools
+import math
+from typing import NamedTuple
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+TILINGS = ("auto", "fixed")
+# tiles (or whole frames) per forward pass: one on a CPU, where a batch of tiles costs more per pixel than the same
+# tiles one at a time (cache), many on a GPU, where one tile leaves the chip mostly idle
+TILES_PER_PASS = {"cpu": 1, "cuda": 64}
+# CPU-seconds per million input pixels of one forward pass of the default U-Net (widths 32..256) by tile side, one
+# tile per pass, one thread (/proc/cpuinfo: AMX, 2 MiB L2 per core). The cost rises where a tile's full-resolution
+# activations outgrow the L2 cache; under 96 px the per-pass overhead dominates. Only the shape of these curves
+# matters: other widths and CPUs scale them, and a layout's choice compares costs of one curve.
+CPU_TILE_SIDES = (64, 96, 128, 160, 192, 224, 256, 320, 384, 512, 640, 768)
+CPU_COST_PER_MEGAPIXEL = {
+    "bf16": (1.63, 1.18, 1.06, 1.04, 1.15, 1.40, 1.56, 1.61, 1.76, 2.05, 2.18, 2.31),
+    "fp32": (2.53, 2.30, 2.24, 2.17, 2.19, 2.26, 2.24, 2.35, 2.47, 2.96, 3.22, 3.53),
+}
+CPU_MAX_TILE = CPU_TILE_SIDES[-1]  # larger tiles only cost more per pixel; the bound keeps a pass's memory small
+# layouts predicted within this share of the cheapest count as equally cheap (the table's own noise on a shared
+# machine); of those the one with the fewest tiles is taken, which has the least per-tile work around the network
+COST_TOLERANCE = 0.05
+
+
+class Layout(NamedTuple):
+    """Tiles of tile_h x tile_w at every (y, x) of ys x xs, covering a frame padded to a multiple of 2 ** poolings."""
+    tile_h: int
+    tile_w: int
+    ys: tuple
+    xs: tuple
+
+    @property
+    def corners(self) -> list[tuple[int, int]]:
+        return [(y, x) for y in self.ys for x in self.xs]
+
+    def input_pixels(self) -> int:
+        """Pixels the network sees to predict one frame (the overlap counted as often as it is predicted)."""
+        return len(self.ys) * len(self.xs) * self.tile_h * self.tile_w
 
 
 def gaussian_weights(height: int, width: int, device=None) -> torch.Tensor:
@@ -24,6 +74,91 @@ def tile_starts(length: int, tile: int, overlap: float) -> list[int]:
     return sorted(set(np.round(np.linspace(0, length - tile, count)).astype(int).tolist()))
 
 
+def spread_starts(length: int, tile: int, count: int) -> tuple:
+    """`count` start offsets of tiles of side `tile` spread evenly over `length`, the first at 0, the last at the end.
+    Neighbours overlap by at least count * tile - length over count - 1, rounded down to a whole pixel."""
+    if count == 1:
+        return (0,)
+    return tuple(int(start) for start in np.round(np.linspace(0, length - tile, count)).astype(int))
+
+
+def fixed_layout(height: int, width: int, tile_size: int, overlap: float = 0.25) -> Layout:
+    """Tiles of tile_size (the frame's side where smaller), neighbours overlapping by at least `overlap` of a tile."""
+    tile_h, tile_w = min(tile_size, height), min(tile_size, width)
+    return Layout(tile_h, tile_w, tuple(tile_starts(height, tile_h, overlap)),
+                  tuple(tile_starts(width, tile_w, overlap)))
+
+
+def min_overlap(multiple: int) -> int:
+    """The least overlap of neighbouring tiles on a CPU, px: 4 x 2 ** poolings (32 for three poolings). The zero
+    padding at a tile's edge changes the predictions within a few 2 ** poolings of it (its reach grows with the
+    receptive field, which doubles with each pooling); the middle of an overlap lies 2 x 2 ** poolings inside both
+    tiles, where the bundled model's argmax already matches the whole frame's on all but a few pixels in 10,000."""
+    return 4 * multiple
+
+
+def cpu_cost_per_pixel(tile_pixels, dtype: str = "bf16"):
+    """Predicted CPU-seconds per input pixel of a tile of `tile_pixels` pixels (interpolated by the side of the square
+    of that area: thin tiles cost a little less than that, a conservative rule)."""
+    sides = np.sqrt(np.asarray(tile_pixels, dtype=float))
+    return np.interp(sides, CPU_TILE_SIDES, CPU_COST_PER_MEGAPIXEL[dtype]) * 1e-6
+
+
+def axis_choices(length: int, multiple: int, overlap: int) -> list[tuple[int, int]]:
+    """(tiles, tile side) along an axis of `length` (a multiple of `multiple`): one tile of the whole length where it is
+    at most CPU_MAX_TILE, and for every count of 2 or more the least side (a multiple of `multiple`) at which that
+    many tiles cover the length with neighbours overlapping by at least `overlap`, from CPU_MAX_TILE down to the
+    smallest measured side."""
+    choices = [(1, length)] if length <= CPU_MAX_TILE else []
+    for count in range(2, length // multiple + 1):
+        side = -(-math.ceil((length + (count - 1) * overlap) / count) // multiple) * multiple
+        if side >= length or side > CPU_MAX_TILE:
+            continue
+        if side < max(CPU_TILE_SIDES[0], overlap + multiple):
+            break
+        choices.append((count, side))
+    return choices
+
+
+@functools.lru_cache(maxsize=256)
+def cheapest_cpu_layout(height: int, width: int, multiple: int = 8, dtype: str = "bf16") -> Layout:
+    """The layout of a frame of height x width (multiples of `multiple`) that needs the least predicted CPU time, one
+    tile per forward pass (cpu_cost_per_pixel x the pixels of all tiles), neighbours overlapping by at least
+    min_overlap(multiple); the whole frame where that is cheapest. Of the layouts within COST_TOLERANCE of the
+    cheapest, the one with the fewest tiles (then the cheapest of those)."""
+    overlap = min_overlap(multiple)
+    rows, columns = axis_choices(height, multiple, overlap), axis_choices(width, multiple, overlap)
+    counts_y, sides_y = np.array(rows).T
+    counts_x, sides_x = np.array(columns).T
+    tile_pixels = sides_y[:, None] * sides_x[None, :]
+    tiles = counts_y[:, None] * counts_x[None, :]
+    cost = tiles * tile_pixels * cpu_cost_per_pixel(tile_pixels, dtype)
+    near = cost.ravel() <= cost.min() * (1 + COST_TOLERANCE)
+    best = np.lexsort((cost.ravel(), np.where(near, tiles.ravel(), np.iinfo(np.int64).max)))[0]
+    i, j = np.unravel_index(best, cost.shape)
+    (count_y, tile_h), (count_x, tile_w) = rows[i], columns[j]
+    return Layout(tile_h, tile_w, spread_starts(height, tile_h, count_y), spread_starts(width, tile_w, count_x))
+
+
+def autocast_name(device_type: str) -> str:
+    """The arithmetic a forward pass on this device runs in now: bf16 under a bf16 autocast, else fp32's costs."""
+    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
+        return "bf16"
+    return "fp32"
+
+
+def choose_layout(height: int, width: int, device_type: str, tile_size: int, multiple: int = 8,
+                  tiling: str = "auto", overlap: float = 0.25, dtype: str = "bf16") -> Layout:
+    """The tile layout of a frame of height x width (multiples of `multiple`): on a CPU with tiling "auto" the
+    cheapest (cheapest_cpu_layout, for the arithmetic `dtype`); else ("fixed", or a GPU) tiles of tile_size, the
+    model's recorded bound on a GPU's memory, neighbours overlapping by `overlap` of a tile."""
+    if tiling not in TILINGS:
+        raise ValueError(f"tiling {tiling!r}: one of {', '.join(TILINGS)}")
+    if tiling == "auto" and device_type == "cpu":
+        return cheapest_cpu_layout(height, width, multiple, dtype)
+    return fixed_layout(height, width, tile_size, overlap)
+
+
 def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Pad the last two axes at the bottom and right, mirrored where the frame is large enough, else repeated
     (channels x H x W or a batch B x channels x H x W)."""
@@ -36,26 +171,43 @@ def pad_to(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.pad(image, pad, mode=mode)
 
 
+def size_multiple(model: nn.Module) -> int:
+    """The multiple a frame's sides must have for the model's poolings: 2 ** poolings (8 with the default widths)."""
+    return 2 ** (len(model.hparams.widths) - 1) if hasattr(model, "hparams") else 8
+
+
+def frame_layout(model: nn.Module, height: int, width: int, device_type: str, tile_size: int = 512,
+                 tiling: str = "auto", overlap: float = 0.25) -> Layout:
+    """The layout sliding_window_logits uses for frames of height x width on this device under the autocast now in
+    effect, on the frame padded to the model's size multiple."""
+    multiple = size_multiple(model)
+    padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
+    return choose_layout(padded_h, padded_w, device_type, tile_size, multiple, tiling, overlap,
+                         autocast_name(device_type))
+
+
 def sliding_window_logits(model: nn.Module, images: torch.Tensor, tile_size: int = 512, overlap: float = 0.25,
-                          batch_size: int = 4) -> torch.Tensor:
+                          batch_size: int | None = None, tiling: str = "auto") -> torch.Tensor:
     """Class logits (classes x H x W, float32) of a frame of any size (channels x H x W, on the model's device), or
     B x classes x H x W of a batch of frames of one size (B x channels x H x W): each frame's logits are those it gets
     alone, its tiles only sharing forward passes with the other frames' tiles.
 
-    The frames are padded to a multiple of 2 ** poolings (8 with the default widths); if they then fit one tile they
-    are predicted whole, exactly as model(frames), `batch_size` frames at a time.
-    Otherwise overlapping tiles of tile_size x tile_size (`batch_size` per forward pass, taken from all frames of the
-    batch, so memory is bounded by the tile batch and the frames' logits) are predicted and their logits blended with
-    centre-weighted maps (gaussian_weights).
+    The frames are padded to a multiple of 2 ** poolings (8 with the default widths) and laid out in tiles for their
+    device (choose_layout: `tiling`; tile_size and overlap are the fixed layout's). Where one tile holds a frame it is
+    predicted whole, exactly as model(frames). Otherwise the overlapping tiles (taken from all frames of the batch) are
+    predicted and their logits blended with centre-weighted maps (gaussian_weights). `batch_size` tiles or frames per
+    forward pass (default: TILES_PER_PASS of the device), so memory is bounded by them and the frames' logits.
     """
     if images.ndim == 3:
-        return sliding_window_logits(model, images[None], tile_size, overlap, batch_size)[0]
+        return sliding_window_logits(model, images[None], tile_size, overlap, batch_size, tiling)[0]
     frames, height, width = images.shape[0], images.shape[-2], images.shape[-1]
-    multiple = 2 ** (len(model.hparams.widths) - 1) if hasattr(model, "hparams") else 8
+    device_type = images.device.type
+    batch_size = batch_size or TILES_PER_PASS.get(device_type, TILES_PER_PASS["cpu"])
+    layout = frame_layout(model, height, width, device_type, tile_size, tiling, overlap)
+    multiple = size_multiple(model)
     padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
     images = pad_to(images, padded_h, padded_w)
-    tile_h, tile_w = min(tile_size, padded_h), min(tile_size, padded_w)
-    corners = [(y, x) for y in tile_starts(padded_h, tile_h, overlap) for x in tile_starts(padded_w, tile_w, overlap)]
+    tile_h, tile_w, corners = layout.tile_h, layout.tile_w, layout.corners
     if len(corners) == 1:
         return torch.cat([model(images[start:start + batch_size]).float()
                           for start in range(0, frames, batch_size)])[:, :, :height, :width]

@@ -3,7 +3,8 @@
     resized   the original baseline's (docs/baseline.md §4): every frame resized to input_size x input_size, frames
               batched; its instance map goes straight to the challenge's 256 x 256
     tiled     frames at the model's scale (resampled so that cells are the model's cell_width wide), predicted whole
-              in overlapping tiles of tile_size; the instances go back to the frame's own size before 256 x 256
+              in overlapping tiles laid out for the device (tiling.py; tile_size bounds a GPU's tiles); the
+              instances go back to the frame's own size before 256 x 256
 
 Every layer that depends on the view (training data, validation, inference) asks the view object, never the recipe.
 """
@@ -25,7 +26,7 @@ class Resized:
         """The frame as the model sees it, float32 on the 0..255 scale (`scale` does not apply)."""
         return resize_nearest(to_uint8_range(image, intensity), (self.input_size, self.input_size))
 
-    def logits(self, model, images: torch.Tensor, tile_batch: int | None = None) -> torch.Tensor:
+    def logits(self, model, images: torch.Tensor, tile_batch: int | None = None, tiling: str = "auto") -> torch.Tensor:
         return model(images)
 
     def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
@@ -39,15 +40,18 @@ class Resized:
 class Tiled:
     name, rescales = "tiled", True
 
-    def __init__(self, tile_size: int = 512, tile_batch: int = 4):
+    def __init__(self, tile_size: int = 512, tile_batch: int | None = None):
         self.tile_size, self.tile_batch = tile_size, tile_batch
 
     def image(self, image: np.ndarray, intensity: str, scale: float = 1.0) -> np.ndarray:
         return rescale(to_uint8_range(image, intensity), scale)
 
-    def logits(self, model, images: torch.Tensor, tile_batch: int | None = None) -> torch.Tensor:
-        """Logits of a batch of frames of one size, their tiles `tile_batch` (default: the view's) per forward pass."""
-        return sliding_window_logits(model, images, self.tile_size, batch_size=tile_batch or self.tile_batch)
+    def logits(self, model, images: torch.Tensor, tile_batch: int | None = None, tiling: str = "auto") -> torch.Tensor:
+        """Logits of a batch of frames of one size, in the tile layout chosen for the images' device (tiling.py:
+        "auto"; "fixed": tiles of tile_size), `tile_batch` tiles per forward pass (default: the view's, else
+        tiling.TILES_PER_PASS of the device)."""
+        return sliding_window_logits(model, images, self.tile_size, batch_size=tile_batch or self.tile_batch,
+                                     tiling=tiling)
 
     def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
         return instances_at_score_size(instances, frame_shape, size)

@@ -57,15 +57,17 @@ def small_unet(tile_size: int = 64) -> UNet:
 
 @pytest.mark.parametrize("shape, tile_batch", [((75, 90), 3), ((130, 64), 4), ((40, 52), 2)])
 def test_a_batch_of_frames_gets_the_logits_of_each_frame_alone(shape, tile_batch):
-    # sizes that are no multiple of the tile (or of 8): padded, tiled, cropped back; (40, 52) fits one tile; a tile
-    # batch that does not divide the tiles of a frame mixes frames in one forward pass
+    # the model's 64 px tiles (the fixed layout: a CPU's own layout predicts frames this small whole): sizes that are
+    # no multiple of the tile (or of 8) padded, tiled, cropped back; (40, 52) fits one tile; a tile batch that does
+    # not divide the tiles of a frame mixes frames in one forward pass
     model = small_unet()
     frames = torch.rand(5, 1, *shape)
     frames[1] *= 0.1  # frames of different content
     frames[3] = torch.flip(frames[3], (-1,))
     with torch.no_grad():
-        batched = sliding_window_logits(model, frames, 64, batch_size=tile_batch)
-        alone = torch.stack([sliding_window_logits(model, frame, 64, batch_size=4) for frame in frames])
+        batched = sliding_window_logits(model, frames, 64, batch_size=tile_batch, tiling="fixed")
+        alone = torch.stack([sliding_window_logits(model, frame, 64, batch_size=4, tiling="fixed")
+                             for frame in frames])
     assert batched.shape == (5, 3, *shape)
     torch.testing.assert_close(batched, alone, rtol=1e-5, atol=1e-5)
     assert torch.equal(batched.argmax(1), alone.argmax(1))
@@ -79,7 +81,7 @@ def test_frames_tiles_are_blended_as_before():
             return torch.cat([x, -x, 2 * x], 1)
 
     frames = torch.rand(3, 1, 100, 140)
-    logits = sliding_window_logits(Pixelwise(), frames, 64, batch_size=5)
+    logits = sliding_window_logits(Pixelwise(), frames, 64, batch_size=5, tiling="fixed")
     torch.testing.assert_close(logits, Pixelwise()(frames), rtol=1e-5, atol=1e-6)
 
 
@@ -87,19 +89,21 @@ def test_batched_border_core_maps_and_instances_equal_frame_by_frame():
     model = ThresholdModel(tile_size=64)
     pairs = [rod_frame(seed) for seed in range(5)]
     images = [image for image, _ in pairs]
-    # frame by frame, 4 tiles per pass: how inference ran before
+    # frame by frame, the model's 64 px tiles 4 per pass: how inference ran before
     old = [m for _, batch in border_core_maps(model, frames_loader(model, images, 1.0, 1, 0, CPU), CPU,
-                                              tile_batch=4) for m in batch]
+                                              tile_batch=4, tiling="fixed") for m in batch]
     passes_alone = model.passes
     # 2 frames per batch (the last batch holds 1), 7 tiles per pass, across frames
     loader = frames_loader(model, images, 1.0, 2, 0, CPU)
     assert [len(indices) for _, indices in loader] == [2, 2, 1]
-    new = [m for _, batch in border_core_maps(model, loader, CPU, tile_batch=7) for m in batch]
+    new = [m for _, batch in border_core_maps(model, loader, CPU, tile_batch=7, tiling="fixed") for m in batch]
     assert model.passes - passes_alone < passes_alone  # fewer, fuller forward passes
     assert len(old) == len(new) == 5 and all(np.array_equal(a, b) for a, b in zip(old, new))
     assert all(len(np.unique(m)) == 3 for m in new)  # background, core and border in every frame: a real test
-    frame_by_frame = predict_images(model, images, cell_width=10.0, device="cpu", batch_size=1, tile_batch=4)
-    batched = predict_images(model, images, cell_width=10.0, device="cpu", batch_size=3, tile_batch=16)
+    frame_by_frame = predict_images(model, images, cell_width=10.0, device="cpu", batch_size=1, tile_batch=4,
+                                    tiling="fixed")
+    batched = predict_images(model, images, cell_width=10.0, device="cpu", batch_size=3, tile_batch=16,
+                             tiling="fixed")
     for (_, mask), a, b in zip(pairs, frame_by_frame, batched):
         np.testing.assert_array_equal(a, b)
         assert a.max() == mask.max()  # every rod found: the maps compared hold the cells
@@ -178,6 +182,7 @@ def test_precision_flag_is_checked_and_its_default_shown(capsys):
         inference.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "--precision {auto,fp32,bf16,fp16}" in text and "(default: auto)" in text and "--tile_batch" in text
+    assert "--tiling {auto,fixed}" in text
 
 
 def test_scale_is_estimated_from_one_pass_over_the_probe_frames():
@@ -187,7 +192,7 @@ def test_scale_is_estimated_from_one_pass_over_the_probe_frames():
     model = ThresholdModel(tile_size=512, cell_width=10.0)  # one tile holds a frame: images seen = frames predicted
     width = estimate_cell_width(model, images, CPU)
     assert width == pytest.approx(truth, abs=1.0) and truth == pytest.approx(20, abs=1)
-    assert model.images_seen == 3 and model.passes == 1  # three probes, predicted once, together
+    assert model.images_seen == 3 and model.passes == 3  # three probes, each predicted once (one per pass on a CPU)
     model.images_seen = 0
     assert sequence_scale(model, images, CPU, say=lambda line: None) == pytest.approx(10 / width)
     assert model.images_seen == 3

@@ -49,10 +49,10 @@ def test_benchmark_prints_and_writes_every_row(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("bf16_units", [False, True])
-def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path, capsys, monkeypatch, bf16_units):
+def test_old_and_new_inference_side_by_side_with_outputs_compared(tmp_path, capsys, monkeypatch, bf16_units):
     """--only inference: the bundled model frame by frame and batched on 3 frames in batches of 2 (the last one
-    smaller), frames larger than a tile; the benchmark's own asserts check the maps and files equal on a CPU where
-    both paths compute in float32; where the new one runs in bf16 (a CPU with bf16 units) their agreement is given."""
+    smaller), frames larger than the model's tile_size. The old path tiles them as the model recorded, the new one
+    predicts them whole (cheapest on a CPU), in bf16 on a CPU with bf16 units: their agreement is given."""
     import precision
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: bf16_units)
     out = tmp_path / "bench.json"
@@ -60,27 +60,29 @@ def test_old_and_new_inference_side_by_side_with_outputs_checked_equal(tmp_path,
                     "--num_workers", "0", "--json", str(out)])
     result = json.loads(out.read_text())
     assert [r["stage"] for r in result["rows"]] == OLD_AND_NEW
-    if bf16_units:
-        agreement = result["inference"]["map_agreement"]
-        assert 0.95 <= agreement <= 1 and result["rows"][-1]["note"].endswith(
-            f"maps agree on {100 * agreement:.2f} % of the pixels (fp32 vs bf16)")
-        return
-    assert result["rows"][-1]["note"].endswith("identical maps and files")
     assert all(r["speedup"] is not None for r in result["rows"][3:])  # the new path against the old one
     old, new = result["inference"]["frame by frame (old)"], result["inference"]["batched (new)"]
-    assert (old["batch_size"], old["tile_batch"], new["batch_size"]) == (1, 4, 2)
+    assert (old["batch_size"], old["tile_batch"], old["tiling"]) == (1, 4, "fixed")
+    assert (new["batch_size"], new["tile_batch"], new["tiling"]) == (2, None, "auto")
     assert old["frames"] == new["frames"] == 3 and new["frame_shape"] == [72, 300]
-    # 72 x 300 at the model's 256 px tiles: padded to 72 x 304, two tiles of 72 x 256; the counted FLOPs are those of
-    # the two tiles' forward passes
+    # 72 x 300 padded to 72 x 304: the old path's two tiles of 72 x 256 (the model's tile_size), the new path's one
+    # pass over the whole frame; the counted FLOPs are those of each path's forward passes
+    assert (old["tile_shape"], old["tiles_per_frame"]) == ([72, 256], 2)
+    assert (new["tile_shape"], new["tiles_per_frame"]) == ([72, 304], 1)
     from torch.utils.flop_counter import FlopCounterMode
     import torch
     from unet import load_model
 
     model = load_model(benchmark.BUNDLED_MODEL)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(torch.zeros(2, 1, 72, 256))
-    assert new["gflop_per_frame"] == pytest.approx(counter.get_total_flops() / 1e9)
+    for summary, tiles in ((old, torch.zeros(2, 1, 72, 256)), (new, torch.zeros(1, 1, 72, 304))):
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(tiles)
+        assert summary["gflop_per_frame"] == pytest.approx(counter.get_total_flops() / 1e9)
     assert new["share_of_peak"] is None and "machine: " in capsys.readouterr().out  # no GPU peak on a CPU
+    agreement = result["inference"]["map_agreement"]
+    differences = ("fp32 vs bf16, " if bf16_units else "") + "72 x 256 tiles vs 72 x 304 tiles"
+    assert 0.95 <= agreement <= 1 and result["rows"][-1]["note"].endswith(
+        f"maps agree on {100 * agreement:.2f} % of the pixels ({differences})")
 
 
 def test_patch_augmentation_on_the_cpu_against_a_batch_on_the_device(tmp_path):
