@@ -10,12 +10,11 @@ instance_dice (vs acvl-utils' matching), the training loader (cached vs decoding
 the training step alone, inference end to end (model + overlapped postprocessing and writing) vs the model alone,
 tracking: linking consecutive GT frames into tracks (track.link_tracks; no straightforward version to compare with),
 the bundled model's inference frame by frame (the old path: one frame per batch, tiles of the model's tile_size, 4
-per forward pass, fp32 on a CPU, fp16 on a GPU) against batched inference (the new path: --batch_size frames per batch,
-the tile layout chosen for the device (tiling.py: on a CPU small tiles one per pass, on a GPU many tiles of all frames
-together), bf16 where the chip has units for it): reading + model, postprocessing and end to end, outputs checked equal
-(where the precisions or the tiles differ, their agreement reported), with the FLOPs of a frame's forward passes and
-the share of the chip's bf16 peak they reach; then
-the training patches' sampling and augmentation one at a time with numpy (augment.py, what a loader worker does)
+per forward pass, fp32 and NCHW on a CPU, fp16 on a GPU) against batched inference (the new path: --batch_size frames
+per batch, the tile layout chosen for the device (tiling.py: on a CPU one tile or frame per pass, on a GPU many tiles
+of all frames together), bf16 where the chip has units for it, channels_last): reading + model, postprocessing and end
+to end, outputs checked equal (where the precisions or the tiles differ, their agreement reported), with the FLOPs of
+a frame's forward passes and the share of the chip's bf16 peak they reach; then the training patches' sampling and augmentation one at a time with numpy (augment.py, what a loader worker does)
 against a batch on the device (augment_torch.py); every shipped model alone, postprocessed and end to end.
 Columns: frames/s, ms/frame, speed-up over the straightforward version, peak memory, energy where measurable.
 """
@@ -276,17 +275,21 @@ def inference_rows(root, sequence, input_size, batch_size, device, workers):
 
 def inference_paths(device, batch_size: int) -> dict:
     """The old and the new inference path, as predict_sequence's arguments."""
-    return {"frame by frame (old)": dict(batch_size=1, tile_batch=4, tiling="fixed",
-                                         precision="fp16" if device.type == "cuda" else "fp32"),
-            "batched (new)": dict(batch_size=batch_size, tile_batch=None, tiling="auto", precision="auto")}
+    cuda = device.type == "cuda"
+    return {"frame by frame (old)": dict(batch_size=1, tile_batch=4, tiling="fixed", channels_last=cuda,
+                                         precision="fp16" if cuda else "fp32"),
+            "batched (new)": dict(batch_size=batch_size, tile_batch=None, tiling="auto", channels_last=True,
+                                  precision="auto")}
 
 
 DTYPE_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def path_layout(model, shape, device, path) -> Layout:
-    """The tile layout a path gives frames of this shape (at the model's scale) on the device, in its precision."""
+    """The tile layout a path gives frames of this shape (at the model's scale) on the device, in its precision and
+    memory format."""
     dtype = autocast_dtype(device, path["precision"])
+    model.to(memory_format=torch.channels_last if path["channels_last"] else torch.contiguous_format)
     with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         return frame_layout(model, *shape, device.type, model.view.tile_size, path["tiling"])
 
@@ -308,7 +311,8 @@ def frame_flops(model, image: torch.Tensor, device, path: dict) -> float:
 
     with FlopCounterMode(display=False) as counter:
         list(border_core_maps(model, [(image[None], torch.tensor([0]))], device, precision=path["precision"],
-                              tile_batch=path["tile_batch"], tiling=path["tiling"]))
+                              tile_batch=path["tile_batch"], tiling=path["tiling"],
+                              channels_last=path["channels_last"]))
     return float(counter.get_total_flops())
 
 
@@ -332,7 +336,8 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
     rows, summary, maps, written, baseline, layouts = [], {}, {}, {}, {}, {}
     for path_name, path in inference_paths(device, batch_size).items():
         loader = frames_loader(model, frames, 1.0, path["batch_size"], workers, device, shapes)
-        arguments = dict(precision=path["precision"], tile_batch=path["tile_batch"], tiling=path["tiling"])
+        arguments = dict(precision=path["precision"], tile_batch=path["tile_batch"], tiling=path["tiling"],
+                         channels_last=path["channels_last"])
         if cuda:  # warm-up: CUDA context, cudnn's choice for the batch shapes (the first batches hold them all)
             for _ in itertools.islice(border_core_maps(model, loader, device, **arguments), 3):
                 pass
@@ -363,7 +368,7 @@ def batched_inference_rows(root, sequence, model_path, batch_size, device, worke
         tiles_a_frame = len(layout.ys) * len(layout.xs)
         how = (f"{path['batch_size']} frame(s) a batch, {tiles_a_frame} tile(s) of {layout.tile_h} x {layout.tile_w} "
                f"a frame ({path['tiling']}, {layout.input_pixels() / (image.shape[-2] * image.shape[-1]):.2f}x its "
-               f"pixels), {tiles} a pass, {DTYPE_NAMES[dtype]}")
+               f"pixels), {tiles} a pass, {DTYPE_NAMES[dtype]}, {'channels_last' if path['channels_last'] else 'NCHW'}")
         summary[path_name] = {
             **arguments, "batch_size": path["batch_size"], "frames": n, "frame_shape": list(shapes[0]),
             "tile_shape": [layout.tile_h, layout.tile_w], "tiles_per_frame": tiles_a_frame,

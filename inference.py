@@ -49,32 +49,43 @@ def pick_device(device: str = "auto") -> torch.device:
 
 @torch.inference_mode()
 def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", instances: bool = False,
-                     precision: str = "auto", tile_batch: int | None = None, tiling: str = "auto"):
+                     precision: str = "auto", tile_batch: int | None = None, tiling: str = "auto",
+                     channels_last: bool = True):
     """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices), as the model's view sees
     the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in bf16 (or
-    fp16) autocast and channels_last, the layout its tensor cores prefer (autocast_dtype: `precision`). A tiled-view
-    model lays the frames out in tiles for the device (tiling.py: `tiling`) and runs `tile_batch` tiles per forward
-    pass (default: TILES_PER_PASS of the device: one on a CPU), taken from all frames of a batch. Only the argmax
+    fp16) autocast, on a CPU in bf16 autocast where it has bf16 units (autocast_dtype: `precision`). The weights and
+    images channels_last (the model converted in place, which changes none of its outputs): the layout a GPU's tensor
+    cores and oneDNN's CPU convolutions prefer (on a CPU it halves the time of a bf16 pass). A tiled-view model lays
+    the frames out in tiles for the device (tiling.py: `tiling`) and runs `tile_batch` tiles per forward pass
+    (default: TILES_PER_PASS of the device: one on a CPU), taken from all frames of a batch. Only the class map
     (1 byte per pixel) comes back to the host; with `instances`, the instance maps postprocessed on the device
     instead (postprocess_torch.py)."""
     device = pick_device(device) if isinstance(device, str) else device
-    cuda = device.type == "cuda"
     dtype = autocast_dtype(device, precision)
     tile_batch = tile_batch or TILES_PER_PASS.get(device.type, TILES_PER_PASS["cpu"])
-    model = model.to(device).eval()
-    if cuda:
-        model = model.to(memory_format=torch.channels_last)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(device).eval().to(memory_format=memory_format)
     for images, indices in loader:
-        images = images.to(device, non_blocking=True)
-        if cuda:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            semantic = model.view.logits(model, images, tile_batch, tiling).argmax(1).to(torch.uint8)
+            semantic = class_map(model.view.logits(model, images, tile_batch, tiling))
         if instances:
             hparams = model.hparams
             semantic = instances_from_border_core_torch(semantic, hparams.small_center_threshold,
                                                         hparams.isolated_border_threshold, hparams.min_area_fraction)
         yield indices.tolist(), semantic.cpu().numpy()
+
+
+def class_map(logits: torch.Tensor) -> torch.Tensor:
+    """The class of largest logit per pixel (B x C x H x W -> B x H x W, uint8), the first of equal ones as
+    torch.argmax gives it: a maximum over the few classes, class by class over whole maps, which on a CPU takes a
+    fraction of argmax's time along the channel axis."""
+    best, classes = logits[:, 0], torch.zeros(logits[:, 0].shape, dtype=torch.uint8, device=logits.device)
+    for k in range(1, logits.shape[1]):
+        higher = logits[:, k] > best
+        classes.masked_fill_(higher, k)
+        best = torch.where(higher, logits[:, k], best)
+    return classes
 
 
 class Postprocess:
@@ -108,7 +119,7 @@ class Postprocess:
 def predict_instance_segmentation_from_border_core(model: UNet, loader, device: str | torch.device,
                                                    postprocess: "Postprocess", pool=None, in_flight: int = 4,
                                                    precision: str = "auto", tile_batch: int | None = None,
-                                                   tiling: str = "auto"):
+                                                   tiling: str = "auto", channels_last: bool = True):
     """The one inference path (the baseline's name): run the model over a loader of (images, indices) batches and
     yield (index, postprocess(index, border-core map)) in loader order.
 
@@ -117,7 +128,7 @@ def predict_instance_segmentation_from_border_core(model: UNet, loader, device: 
     """
     pending = deque()
     for indices, maps in border_core_maps(model, loader, device, postprocess.on_device, precision, tile_batch,
-                                          tiling):
+                                          tiling, channels_last):
         if pool is None:
             yield from zip(indices, map(postprocess, indices, maps))
             continue
@@ -224,10 +235,10 @@ def predict_images(model: UNet, images, cell_width: float | None = None, device:
 def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, batch_size: int, num_workers: int,
                      device: torch.device, pool=None, cell_width: float | None = None, native: bool = False,
                      scale_each_frame: bool = False, precision: str = "auto", tile_batch: int | None = None,
-                     tiling: str = "auto") -> int:
+                     tiling: str = "auto", channels_last: bool = True) -> int:
     """Predict every frame of one sequence into pred_dir/<sequence>/; returns the number of frames. cell_width: the
     cells' width in these frames, px (None: estimated, once for the sequence or, with scale_each_frame, per frame).
-    batch_size: frames per batch; precision, tile_batch, tiling: see border_core_maps."""
+    batch_size: frames per batch; precision, tile_batch, tiling, channels_last: see border_core_maps."""
     frames = list_frames(root_dir, sequence, with_masks=False)
     shapes = [frame_shape(f.image_path) for f in frames]
     scale = sequence_scale(model, frames, device, cell_width, scale_each_frame, name=f"sequence {sequence}",
@@ -239,7 +250,7 @@ def predict_sequence(model: UNet, root_dir: str, sequence: str, pred_dir: str, b
                               on_device=device.type == "cuda")
     return sum(1 for _ in predict_instance_segmentation_from_border_core(model, loader, device, postprocess, pool,
                                                                          precision=precision, tile_batch=tile_batch,
-                                                                         tiling=tiling))
+                                                                         tiling=tiling, channels_last=channels_last))
 
 
 def old_predictions(pred_dir: str, sequence: str) -> list[str]:

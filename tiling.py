@@ -6,8 +6,9 @@ The tile layout is chosen for the device, once per frame size (choose_layout):
     fixed   tiles of the model's recorded tile_size overlapping by a quarter, many per forward pass: a GPU's layout,
             and the only one before layouts were chosen ("auto" on a GPU)
     auto    on a CPU, the layout that needs the least predicted CPU time (cheapest_cpu_layout): per pixel the network
-            costs more in larger tiles (their activations leave the cache) and overlapping pixels are paid twice, so
-            it weighs one against the other, one tile per pass, neighbours overlapping by at least MIN_OVERLAP
+            costs more in large tiles (their activations leave the cache) and in small ones, and overlapping pixels
+            are paid twice, so it weighs one against the other, one tile per pass, neighbours overlapping by at least
+            min_overlap; the whole frame where that is cheapest
 
     logits = sliding_window_logits(model, images)                      # auto, for the images' device
     logits = sliding_window_logits(model, images, tiling="fixed")      # the recorded tile_size, a quarter overlap
@@ -26,14 +27,20 @@ TILINGS = ("auto", "fixed")
 # tiles one at a time (cache), many on a GPU, where one tile leaves the chip mostly idle
 TILES_PER_PASS = {"cpu": 1, "cuda": 64}
 # CPU-seconds per million input pixels of one forward pass of the default U-Net (widths 32..256) by tile side, one
-# tile per pass, one thread (/proc/cpuinfo: AMX, 2 MiB L2 per core). The cost rises where a tile's full-resolution
-# activations outgrow the L2 cache; under 96 px the per-pass overhead dominates. Only the shape of these curves
-# matters: other widths and CPUs scale them, and a layout's choice compares costs of one curve.
+# tile per pass, one thread (/proc/cpuinfo: AMX, 2 MiB L2 per core; niced, beside a training), by arithmetic: bf16
+# autocast or float32, weights channels_last (as inference runs them) or not (NCHW: training's validation). Per pixel a
+# pass costs more in larger tiles (their activations outgrow the caches; in NCHW bf16 past 192 px) and in small ones
+# (the per-pass work around the convolutions), so on a CPU a layout weighs that against the overlap that smaller
+# tiles pay twice. Only the shape of these curves matters: other widths and CPUs scale them, and a layout's choice
+# compares costs on one curve.
 CPU_TILE_SIDES = (64, 96, 128, 160, 192, 224, 256, 320, 384, 512, 640, 768)
 CPU_COST_PER_MEGAPIXEL = {
-    "bf16": (1.63, 1.18, 1.06, 1.04, 1.15, 1.40, 1.56, 1.61, 1.76, 2.05, 2.18, 2.31),
-    "fp32": (2.53, 2.30, 2.24, 2.17, 2.19, 2.26, 2.24, 2.35, 2.47, 2.96, 3.22, 3.53),
+    "bf16 channels_last": (0.98, 0.65, 0.53, 0.50, 0.48, 0.44, 0.46, 0.52, 0.52, 0.54, 0.63, 0.74),
+    "fp32 channels_last": (2.00, 1.82, 1.75, 1.68, 1.65, 1.65, 1.66, 1.81, 1.91, 2.05, 2.24, 2.28),
+    "bf16 nchw": (1.63, 1.18, 1.06, 1.04, 1.15, 1.40, 1.56, 1.61, 1.76, 2.05, 2.18, 2.31),
+    "fp32 nchw": (2.53, 2.30, 2.24, 2.17, 2.19, 2.26, 2.24, 2.35, 2.47, 2.96, 3.22, 3.53),
 }
+DEFAULT_ARITHMETIC = "bf16 channels_last"
 CPU_MAX_TILE = CPU_TILE_SIDES[-1]  # larger tiles only cost more per pixel; the bound keeps a pass's memory small
 # layouts predicted within this share of the cheapest count as equally cheap (the table's own noise on a shared
 # machine); of those the one with the fewest tiles is taken, which has the least per-tile work around the network
@@ -97,11 +104,11 @@ def min_overlap(multiple: int) -> int:
     return 4 * multiple
 
 
-def cpu_cost_per_pixel(tile_pixels, dtype: str = "bf16"):
+def cpu_cost_per_pixel(tile_pixels, arithmetic: str = DEFAULT_ARITHMETIC):
     """Predicted CPU-seconds per input pixel of a tile of `tile_pixels` pixels (interpolated by the side of the square
     of that area: thin tiles cost a little less than that, a conservative rule)."""
     sides = np.sqrt(np.asarray(tile_pixels, dtype=float))
-    return np.interp(sides, CPU_TILE_SIDES, CPU_COST_PER_MEGAPIXEL[dtype]) * 1e-6
+    return np.interp(sides, CPU_TILE_SIDES, CPU_COST_PER_MEGAPIXEL[arithmetic]) * 1e-6
 
 
 def axis_choices(length: int, multiple: int, overlap: int) -> list[tuple[int, int]]:
@@ -121,7 +128,7 @@ def axis_choices(length: int, multiple: int, overlap: int) -> list[tuple[int, in
 
 
 @functools.lru_cache(maxsize=256)
-def cheapest_cpu_layout(height: int, width: int, multiple: int = 8, dtype: str = "bf16") -> Layout:
+def cheapest_cpu_layout(height: int, width: int, multiple: int = 8, arithmetic: str = DEFAULT_ARITHMETIC) -> Layout:
     """The layout of a frame of height x width (multiples of `multiple`) that needs the least predicted CPU time, one
     tile per forward pass (cpu_cost_per_pixel x the pixels of all tiles), neighbours overlapping by at least
     min_overlap(multiple); the whole frame where that is cheapest. Of the layouts within COST_TOLERANCE of the
@@ -132,7 +139,7 @@ def cheapest_cpu_layout(height: int, width: int, multiple: int = 8, dtype: str =
     counts_x, sides_x = np.array(columns).T
     tile_pixels = sides_y[:, None] * sides_x[None, :]
     tiles = counts_y[:, None] * counts_x[None, :]
-    cost = tiles * tile_pixels * cpu_cost_per_pixel(tile_pixels, dtype)
+    cost = tiles * tile_pixels * cpu_cost_per_pixel(tile_pixels, arithmetic)
     near = cost.ravel() <= cost.min() * (1 + COST_TOLERANCE)
     best = np.lexsort((cost.ravel(), np.where(near, tiles.ravel(), np.iinfo(np.int64).max)))[0]
     i, j = np.unravel_index(best, cost.shape)
@@ -140,22 +147,26 @@ def cheapest_cpu_layout(height: int, width: int, multiple: int = 8, dtype: str =
     return Layout(tile_h, tile_w, spread_starts(height, tile_h, count_y), spread_starts(width, tile_w, count_x))
 
 
-def autocast_name(device_type: str) -> str:
-    """The arithmetic a forward pass on this device runs in now: bf16 under a bf16 autocast, else fp32's costs."""
-    if torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.bfloat16:
-        return "bf16"
-    return "fp32"
+def arithmetic_of(model: nn.Module, device_type: str) -> str:
+    """The arithmetic a forward pass of the model on this device runs in now (a key of CPU_COST_PER_MEGAPIXEL): bf16
+    under a bf16 autocast, else float32; channels_last where the model's weights are (border_core_maps makes them)."""
+    dtype = "bf16" if (torch.is_autocast_enabled(device_type)
+                       and torch.get_autocast_dtype(device_type) == torch.bfloat16) else "fp32"
+    # a weight with one input channel is contiguous in both formats: only one that is not tells them apart
+    channels_last = any(p.ndim == 4 and not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                        for p in model.parameters())
+    return f"{dtype} {'channels_last' if channels_last else 'nchw'}"
 
 
 def choose_layout(height: int, width: int, device_type: str, tile_size: int, multiple: int = 8,
-                  tiling: str = "auto", overlap: float = 0.25, dtype: str = "bf16") -> Layout:
+                  tiling: str = "auto", overlap: float = 0.25, arithmetic: str = DEFAULT_ARITHMETIC) -> Layout:
     """The tile layout of a frame of height x width (multiples of `multiple`): on a CPU with tiling "auto" the
-    cheapest (cheapest_cpu_layout, for the arithmetic `dtype`); else ("fixed", or a GPU) tiles of tile_size, the
+    cheapest (cheapest_cpu_layout, for the `arithmetic`); else ("fixed", or a GPU) tiles of tile_size, the
     model's recorded bound on a GPU's memory, neighbours overlapping by `overlap` of a tile."""
     if tiling not in TILINGS:
         raise ValueError(f"tiling {tiling!r}: one of {', '.join(TILINGS)}")
     if tiling == "auto" and device_type == "cpu":
-        return cheapest_cpu_layout(height, width, multiple, dtype)
+        return cheapest_cpu_layout(height, width, multiple, arithmetic)
     return fixed_layout(height, width, tile_size, overlap)
 
 
@@ -178,12 +189,12 @@ def size_multiple(model: nn.Module) -> int:
 
 def frame_layout(model: nn.Module, height: int, width: int, device_type: str, tile_size: int = 512,
                  tiling: str = "auto", overlap: float = 0.25) -> Layout:
-    """The layout sliding_window_logits uses for frames of height x width on this device under the autocast now in
-    effect, on the frame padded to the model's size multiple."""
+    """The layout sliding_window_logits uses for frames of height x width on this device in the model's arithmetic
+    now (arithmetic_of), on the frame padded to the model's size multiple."""
     multiple = size_multiple(model)
     padded_h, padded_w = -(-height // multiple) * multiple, -(-width // multiple) * multiple
     return choose_layout(padded_h, padded_w, device_type, tile_size, multiple, tiling, overlap,
-                         autocast_name(device_type))
+                         arithmetic_of(model, device_type))
 
 
 def sliding_window_logits(model: nn.Module, images: torch.Tensor, tile_size: int = 512, overlap: float = 0.25,

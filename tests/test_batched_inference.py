@@ -220,3 +220,16 @@ def test_a_sequence_is_predicted_in_batches_from_files(tmp_path):
         four = tifffile.imread(tmp_path / "four" / "a" / f"mask{frame.name[1:]}.tif")
         np.testing.assert_array_equal(one, four)
         assert one.max() > 0
+
+
+def test_class_map_is_argmax_with_its_ties():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 40, 50)
+    logits[:, 2, :10] = logits[:, 0, :10]  # two classes tie: the first of them, as argmax
+    logits[:, 1, 10:20] = logits[:, 0, 10:20]
+    logits[:, 2, 10:20] = logits[:, 0, 10:20]  # all three tie
+    logits[0, :, 30:] = logits[0, :, 30:].round()  # many ties of every kind
+    expected = logits.argmax(1).to(torch.uint8)
+    assert torch.equal(inference.class_map(logits), expected)
+    assert torch.equal(inference.class_map(logits.contiguous(memory_format=torch.channels_last)), expected)
+    assert inference.class_map(logits).dtype == torch.uint8 and len(expected.unique()) == 3
