@@ -46,7 +46,9 @@ class Recipe:
     test_flips: bool = False          # the model predicts with its logits averaged over the four mirror images (four
                                       # passes a frame); recorded in the checkpoint, inference.py --test_flips overrides
     min_steps: int = 200              # no early end (max_time) before this many optimiser steps
-    early_stopping_patience: int = 0  # stop when val_instance_dice has not improved for this many epochs (0: never)
+    val_every: int = 1                # validate (and so choose best.ckpt) every this many epochs; with num_epochs a
+                                      # multiple of it the last epoch is validated
+    early_stopping_patience: int = 0  # stop when val_instance_dice has not improved for this many validations (0: never)
     accelerator: str = "auto"         # Lightning's: auto, gpu, cpu
 
     def __post_init__(self):
@@ -61,7 +63,7 @@ class Recipe:
             "dice_weight": self.dice_weight >= 0,
             "ema_decay": 0 <= self.ema_decay < 1, "min_steps": self.min_steps >= 0,
             "min_ceiling": 0 <= self.min_ceiling <= 1, "max_cell_width": self.max_cell_width >= 0,
-            "early_stopping_patience": self.early_stopping_patience >= 0,
+            "early_stopping_patience": self.early_stopping_patience >= 0, "val_every": self.val_every >= 1,
         }
         multiple = 2 ** (len(self.widths) - 1)
         for name in ("input_size", "patch_size", "tile_size"):

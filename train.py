@@ -175,6 +175,7 @@ def make_trainer(args, recipe, cuda: bool, start: tuple[float, float] | None = N
     # default_root_dir: on SLURM Lightning resumes by itself from any hpc_ckpt_*.ckpt found there: the run's folder
     trainer = L.Trainer(
         max_epochs=recipe.num_epochs, min_steps=recipe.min_steps or None, max_time=args.max_time,
+        check_val_every_n_epoch=recipe.val_every,
         accelerator=recipe.accelerator, devices=devices, num_nodes=num_nodes,
         precision=trainer_precision(args.precision, cuda), plugins=plugins + [AtomicCheckpointIO()],
         default_root_dir=args.out_dir, logger=CSVLogger(args.out_dir, name="", version=""), callbacks=callbacks,

@@ -408,6 +408,25 @@ def test_fine_tuning_never_hands_back_a_model_worse_than_its_start(tmp_path, cap
 
 
 @pytest.mark.slow
+def test_val_every_validates_every_nth_epoch_and_the_last(tmp_path):
+    """val_every 2 over 4 epochs: validation (and so best.ckpt's choice) after epochs 2 and 4 only; last.ckpt every
+    epoch."""
+    import train
+    root = write_dataset(tmp_path / "data", sequences=("a", "b"), unlabelled=(), frames=2, shape=(64, 64))
+    train.main(["--root_dir", root, "--train_seqs", "a", "--val_seqs", "b", "--out_dir", str(tmp_path / "run"),
+                "--num_epochs", "4", "--batch_size", "2", "--num_workers", "0", "--set", "patch_size=32",
+                "--set", "patches_per_epoch=2", "--set", "min_steps=0", "--set", "val_every=2",
+                "--precision", "32-true"])
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(metrics.dropna(subset=["val_instance_dice"])["epoch"]) == [1, 3]
+    assert list(metrics.dropna(subset=["train_loss"])["epoch"]) == [0, 1, 2, 3]
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))["epoch"] == 3
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))["epoch"] in (1, 3)
+    with pytest.raises(RecipeError, match="val_every"):
+        load_recipe(DEFAULT_RECIPE, ["val_every=0"])
+
+
+@pytest.mark.slow
 def test_patch_recipe_trains_and_fine_tunes(tmp_path):
     from test_pipeline import run
 
