@@ -365,15 +365,16 @@ def format_value(value, digits: int = 4) -> str:
 
 def tool_of(row: dict) -> str:
     """The line a row belongs to in the plots: Cellpose's checkpoints are one tool, each of our recipes another; a
-    learning-curve row (--frames) and a longer run (--variant e40) belong to their recipe's line.
+    learning-curve row (--frames) and a longer run (--variant e40, or e120v8: validated every 8th epoch) belong to
+    their recipe's line.
 
-    >>> [tool_of({"recipe": name}) for name in ("patches e40", "fine_tuned (2 frames)", "patches dice1")]
-    ['patches', 'fine_tuned', 'patches dice1']
+    >>> [tool_of({"recipe": name}) for name in ("patches e40", "patches e120v8", "fine_tuned (2 frames)", "patches dice1")]
+    ['patches', 'patches', 'fine_tuned', 'patches dice1']
     """
     if row["recipe"].startswith("cellpose"):
         return "Cellpose 3 (from scratch)"
-    # a variant named e<N> is the same recipe trained N epochs: a point further along its line
-    return re.sub(r" e\d+$", "", re.sub(r" \(\d+ frames\)$", "", row["recipe"]))
+    # a variant named e<N> (v<K>) is the same recipe trained N epochs (val_every K): a point further along its line
+    return re.sub(r" e\d+(v\d+)?$", "", re.sub(r" \(\d+ frames\)$", "", row["recipe"]))
 
 
 def learning_curve(rows: list[dict], dataset: str) -> dict:
