@@ -13,7 +13,7 @@ import torch
 
 from border_core import instances_at_score_size, resize_nearest
 from data_files import rescale, to_uint8_range
-from tiling import sliding_window_logits
+from tiling import TILES_PER_PASS, sliding_window_logits
 
 
 class Resized:
@@ -27,7 +27,12 @@ class Resized:
         return resize_nearest(to_uint8_range(image, intensity), (self.input_size, self.input_size))
 
     def logits(self, model, images: torch.Tensor, tile_batch: int | None = None, tiling: str = "auto") -> torch.Tensor:
-        return model(images)
+        """Logits of a batch of frames, `tile_batch` frames per forward pass (default: TILES_PER_PASS of the device:
+        one at a time on a CPU, where a batch costs more per pixel than its frames one by one)."""
+        per_pass = tile_batch or TILES_PER_PASS.get(images.device.type, TILES_PER_PASS["cpu"])
+        if len(images) <= per_pass:
+            return model(images)
+        return torch.cat([model(images[start:start + per_pass]) for start in range(0, len(images), per_pass)])
 
     def instances_at(self, instances: np.ndarray, frame_shape, size) -> np.ndarray:
         return resize_nearest(instances, size)

@@ -12,6 +12,7 @@ from inference import (autocast_dtype, border_core_maps, estimate_cell_width, fr
 from scale import median_cell_width
 from tiling import sliding_window_logits
 from unet import UNet
+from views import Resized
 
 CPU = torch.device("cpu")
 
@@ -233,3 +234,23 @@ def test_class_map_is_argmax_with_its_ties():
     assert torch.equal(inference.class_map(logits), expected)
     assert torch.equal(inference.class_map(logits.contiguous(memory_format=torch.channels_last)), expected)
     assert inference.class_map(logits).dtype == torch.uint8 and len(expected.unique()) == 3
+
+
+def test_resized_frames_go_one_pass_each_on_a_cpu():
+    class Counting(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.passes = []
+
+        def forward(self, x):
+            self.passes.append(len(x))
+            return torch.cat([x, -x, 2 * x], 1)
+
+    model, view = Counting(), Resized(64)
+    images = torch.rand(5, 1, 64, 64)
+    with torch.no_grad():
+        logits = view.logits(model, images)
+        assert model.passes == [1] * 5  # tiling.TILES_PER_PASS["cpu"]: a batch costs more per pixel on a CPU
+        torch.testing.assert_close(logits, torch.cat([images, -images, 2 * images], 1))
+        model.passes.clear()
+        assert torch.equal(view.logits(model, images, tile_batch=2), logits) and model.passes == [2, 2, 1]
