@@ -53,13 +53,12 @@ def border_core_maps(model: UNet, loader, device: str | torch.device = "auto", i
                      channels_last: bool = True):
     """Yield (indices, uint8 border-core maps) per batch of a loader of (images, indices), as the model's view sees
     the frames (views.py). On the GPU when there is one (the baseline left the model on the CPU), there in bf16 (or
-    fp16) autocast, on a CPU in bf16 autocast where it has bf16 units (autocast_dtype: `precision`). The weights and
-    images channels_last (the model converted in place, which changes none of its outputs): the layout a GPU's tensor
-    cores and oneDNN's CPU convolutions prefer (on a CPU it halves the time of a bf16 pass). A tiled-view model lays
-    the frames out in tiles for the device (tiling.py: `tiling`) and runs `tile_batch` tiles per forward pass
-    (default: TILES_PER_PASS of the device: one on a CPU), taken from all frames of a batch. Only the class map
-    (1 byte per pixel) comes back to the host; with `instances`, the instance maps postprocessed on the device
-    instead (postprocess_torch.py)."""
+    fp16) autocast, on a CPU in bf16 autocast where it has bf16 units (autocast_dtype: `precision`). Weights and
+    images are channels_last (the model converted in place), the layout a GPU's tensor cores and oneDNN's CPU
+    convolutions prefer; `channels_last=False` keeps them NCHW. A tiled-view model lays the frames out in tiles for
+    the device (tiling.py: `tiling`) and runs `tile_batch` tiles per forward pass (default: TILES_PER_PASS of the
+    device: one on a CPU), taken from all frames of a batch. Only the class map (1 byte per pixel) comes back to the
+    host; with `instances`, the instance maps postprocessed on the device instead (postprocess_torch.py)."""
     device = pick_device(device) if isinstance(device, str) else device
     dtype = autocast_dtype(device, precision)
     tile_batch = tile_batch or TILES_PER_PASS.get(device.type, TILES_PER_PASS["cpu"])

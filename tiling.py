@@ -100,7 +100,7 @@ def min_overlap(multiple: int) -> int:
     """The least overlap of neighbouring tiles on a CPU, px: 4 x 2 ** poolings (32 for three poolings). The zero
     padding at a tile's edge changes the predictions within a few 2 ** poolings of it (its reach grows with the
     receptive field, which doubles with each pooling); the middle of an overlap lies 2 x 2 ** poolings inside both
-    tiles, where the bundled model's argmax already matches the whole frame's on all but a few pixels in 10,000."""
+    tiles, where the bundled model's argmax already matches the whole frame's almost everywhere."""
     return 4 * multiple
 
 
