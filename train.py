@@ -190,6 +190,9 @@ def train(args, recipe):
     kept_metrics = metrics_to_keep(args.out_dir, resume_from)
     init = load_model(args.init_from) if args.init_from else None
     data, model = build(args, recipe, init)
+    # channels_last: the layout oneDNN's CPU convolutions and a GPU's tensor cores prefer (tiling.arithmetic_of
+    # lays out validation's tiles for it)
+    model = model.to(memory_format=torch.channels_last)
     start = None
     if init is not None and not resume_from:  # a resumed run's optimiser state brings its rate back
         start = starting_model_score(model, data, cuda)

@@ -181,10 +181,10 @@ def test_the_recipe_reaches_the_training_data(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train, "training_sets", recording)
     monkeypatch.setattr(train, "labelled_frames", lambda root, sequences: [])
-    for flags in ([], ["--set", "photometric=false", "--set", "patch_size=64"]):
+    for flags in ([], ["--set", "photometric=true", "--set", "patch_size=64"]):
         with pytest.raises(SystemExit, match="recorded"):
             train.main(["--root_dir", str(tmp_path), "--out_dir", str(tmp_path / "run"), *flags])
-    assert seen == [(True, 128), (False, 64)]
+    assert seen == [(False, 128), (True, 64)]
     assert not (tmp_path / "run").exists()
 
 
@@ -220,7 +220,8 @@ def test_tiles_cover_the_frame_and_leave_no_seam():
         truth[row:row + 14, 8:256] = k + 1
     image = torch.from_numpy(frame)[None]
     with torch.no_grad():
-        tiled = sliding_window_logits(PixelModel(), image, tile_size=64, overlap=0.25).argmax(0).numpy()
+        tiled = sliding_window_logits(PixelModel(), image, tile_size=64, overlap=0.25,
+                                      tiling="fixed").argmax(0).numpy()
         whole = PixelModel()(image[None])[0].argmax(0).numpy()
     np.testing.assert_array_equal(tiled, whole)
     instances = instances_from_border_core(tiled)
@@ -307,7 +308,7 @@ def test_recipe_widths_set_the_unet_depth_and_the_size_multiple():
     model = UNet(widths=(4, 8, 16, 32, 64), view="tiled", tile_size=64).eval()
     image = torch.rand(1, 75, 90)  # larger than a tile: tiled, cropped back
     with torch.no_grad():
-        logits = sliding_window_logits(model, image, tile_size=64)
+        logits = sliding_window_logits(model, image, tile_size=64, tiling="fixed")
         # one tile: 40 px, a multiple of 8 but not of 16, is padded to 48 (at 40 the fourth pooling would not fit)
         whole = sliding_window_logits(model, image[:, :40, :40], tile_size=64)
         direct = model(torch.nn.functional.pad(image[None, :, :40, :40], (0, 8, 0, 8), mode="reflect"))[0, :, :40, :40]
