@@ -379,7 +379,8 @@ def tool_of(row: dict) -> str:
 
 def learning_curve(rows: list[dict], dataset: str) -> dict:
     """tool -> [(training frames, row)] of a dataset, by frames: the --frames rows and, for all frames, the tool's
-    full-data row (Cellpose's: its last checkpoint)."""
+    full-data row: the recipe's own row, trained as long as the subsets (not a longer --variant e<N>), else the
+    longest (Cellpose's: its last checkpoint)."""
     subsets = [row for row in rows if row["dataset"] == dataset and subset_of(row)]
     tools = dict.fromkeys(tool_of(row) for row in subsets)
     curves = {tool: [(row["train_frames"], row) for row in subsets if tool_of(row) == tool] for tool in tools}
@@ -388,7 +389,7 @@ def learning_curve(rows: list[dict], dataset: str) -> dict:
     for tool in tools:
         full = [row for row in rows if row["dataset"] == dataset and not subset_of(row) and tool_of(row) == tool]
         if full and all_frames:
-            last = max(full, key=lambda row: row.get("epochs", 0))
+            last = next((row for row in full if row["recipe"] == tool), max(full, key=lambda row: row.get("epochs", 0)))
             curves[tool].append((all_frames, last))
         curves[tool].sort(key=lambda point: point[0])
     return curves
