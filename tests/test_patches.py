@@ -406,6 +406,14 @@ def test_fine_tuning_never_hands_back_a_model_worse_than_its_start(tmp_path, cap
     assert best["hyper_parameters"]["min_area_fraction"] in MIN_AREA_FRACTIONS
     kept = load_model(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))
     assert kept.hparams.cell_width == bundled.hparams.cell_width
+    # resumed, the run keeps the starting model's score to beat: another wrecked epoch leaves best.ckpt as it was
+    train.main(["--root_dir", root, "--train_seqs", "a", "--val_seqs", "b", "--out_dir", str(tmp_path / "run"),
+                "--resume", "--num_epochs", "3", "--batch_size", "4", "--num_workers", "0", "--set",
+                "patches_per_epoch=8", "--set", "min_steps=0", "--set", "fine_tune_lr=10", "--precision", "32-true"])
+    assert load_checkpoint(str(tmp_path / "run" / "checkpoints" / "last.ckpt"))["global_step"] == 6
+    best = load_checkpoint(str(tmp_path / "run" / "checkpoints" / "best.ckpt"))
+    assert best["global_step"] == 0
+    assert all(torch.equal(best["state_dict"][name].float(), weights[name].float()) for name in weights)
 
 
 @pytest.mark.slow
