@@ -28,9 +28,9 @@ retrained (delete the folder to retrain).
 Scores, all on the test frames with eval.py's functions: Instance Dice at 256 x 256 (the challenge's) and at the
 frames' own size, AP at IoU 0.5 (TP / (TP + FP + FN), counts pooled over the frames) at both sizes. Cellpose's masks
 are written at the frames' own size and brought to 256 x 256 by the same rule as ours. Each tool finds the test
-frames' scale as its user gets it by default: ours estimate it themselves (`inference.py` without --cell_width:
-`inference.estimate_cell_width`), Cellpose, which has no size model when trained from scratch (its --train_size is
-not default), rescales them by diam_mean / diam_labels, its training masks' mean diameter. Training CPU-seconds: user +
+frames' scale from the training frames: ours are given the training masks' cell width (`training_cell_width`),
+Cellpose, which has no size model when trained from scratch (its --train_size is not default), rescales them by
+diam_mean / diam_labels, its training masks' mean diameter. Training CPU-seconds: user +
 system of the training process and its children (os.wait4; Cellpose's: at each saved checkpoint, in-process); wall
 time; the size filter best.ckpt chose (min_area_fraction). cellpose_at_equal_cpu: Cellpose's score (256) at the row's
 CPU-seconds, interpolated between its checkpoints; ahead_of_cellpose: the row's score minus it.
@@ -59,6 +59,7 @@ import time
 import numpy as np
 import pandas as pd
 
+from scale import median_cell_width
 from border_core import border_core_targets, instances_at_score_size, instances_from_border_core, resize_nearest
 from data_files import (DataError, atomic_write, list_frames, numbered_files, read_mask, read_prediction,
                         read_tiff_2d, write_sequence, write_tiff_atomically, NATIVE_PREDICTION_PATTERN,
@@ -196,13 +197,21 @@ def score(root: str, checkpoint: str, pred_dir: str, log_dir: str, extra=()) -> 
     return {**test_scores(pred_dir, root), "inference_cpu_seconds": cpu, "inference_command": shown_command(command)}
 
 
+def training_cell_width(root: str) -> float:
+    """The cells' width in the training sequence a (px): what a user knows of their own data. A model trained here
+    predicts the test frames with it (`inference.py --cell_width`); a weak model's own estimate of the scale can be
+    far off (it finds fragments), and the test masks are not looked at."""
+    return median_cell_width(read_mask(f.mask_path) for f in list_frames(root, "a", with_masks=True))
+
+
 def train_and_score(root: str, run_dir: str, train_args: list[str], score_args=()) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     command = [sys.executable, "train.py", "--root_dir", root, "--train_seqs", "a", "--val_seqs", "b",
                "--out_dir", os.path.join(run_dir, "run"), *TRAIN_FLAGS, *train_args]
     cpu, wall = run_timed(command, os.path.join(run_dir, "train.log"))
     best = os.path.join(run_dir, "run", "checkpoints", "best.ckpt")
-    result = score(root, best, os.path.join(run_dir, "pred"), run_dir, score_args)
+    result = score(root, best, os.path.join(run_dir, "pred"), run_dir,
+                   ["--cell_width", f"{training_cell_width(root):.2f}", *score_args])
     metrics = pd.read_csv(os.path.join(run_dir, "run", "metrics.csv"))
     result.update(cpu_seconds=cpu, wall_seconds=wall, epochs=int(metrics["epoch"].max() + 1),
                   best_val=float(metrics["val_instance_dice"].max()),
@@ -212,14 +221,17 @@ def train_and_score(root: str, run_dir: str, train_args: list[str], score_args=(
 
 
 def rescore(row: dict) -> dict:
-    """The row with its test frames predicted and scored again by its own inference command (the trained model kept,
-    its training figures too): after a change to inference.py, no training is repeated. A --cell_width in the command
-    is dropped: the model estimates the test frames' scale itself, as in `score`."""
+    """The row with its test frames predicted and scored again as `score` predicts them (the trained model kept, its
+    training figures too): after a change to inference.py, no training is repeated. A model trained here is given the
+    training frames' cell width, as in `train_and_score`."""
     words = row["inference_command"].split()
     if "--cell_width" in words:
         del words[words.index("--cell_width"):words.index("--cell_width") + 2]
+    root = words[words.index("--root_dir") + 1]
+    if row.get("command", "").startswith("python train.py"):
+        words += ["--cell_width", f"{training_cell_width(root):.2f}"]
     command = [sys.executable if word == "python" else word for word in words]
-    pred_dir, root = command[command.index("--pred_dir") + 1], command[command.index("--root_dir") + 1]
+    pred_dir = command[command.index("--pred_dir") + 1]
     cpu, _ = run_timed(command, os.path.join(os.path.dirname(pred_dir.rstrip("/")), "inference.log"))
     return {**row, **test_scores(pred_dir, root), "inference_cpu_seconds": cpu, "inference_command": " ".join(words)}
 

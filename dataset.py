@@ -105,12 +105,12 @@ class ScaledFrames(Dataset):
 
     def __init__(self, labelled: list, scales: dict, intensity: str, patch_size: int = 256,
                  patches_per_epoch: int | None = None, augment: bool = True, turn: bool = True,
-                 photometric: bool = True, contact_weight: float = 0.0):
+                 photometric: bool = True, contact_weight: float = 0.0, zoom: tuple = (0.7, 1.4)):
         if not labelled:
             raise DataError("no frames given")
         self.scales, self.patch_size, self.patches_per_epoch, self.augment = scales, patch_size, patches_per_epoch, \
             augment
-        self.turn, self.photometric, self.contact_weight = turn, photometric, contact_weight
+        self.turn, self.photometric, self.contact_weight, self.zoom = turn, photometric, contact_weight, zoom
         view = Tiled()
         self.images, self.masks, self.foreground, self.instances, self.shapes = [], [], [], [], []
         for sequence, image, labels in labelled:
@@ -132,7 +132,8 @@ class ScaledFrames(Dataset):
         rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
         k = int(rng.integers(len(self.images)))
         patch, target, labels = random_patch(self.images[k], self.masks[k], self.patch_size, rng, self.foreground[k],
-                                             self.augment, turn=self.turn, intensity=self.photometric)
+                                             self.augment, scale_range=self.zoom, turn=self.turn,
+                                             intensity=self.photometric)
         weight = (target != IGNORE).astype(np.float32)
         if self.contact_weight:
             weight[contact_pixels(labels) & (target != IGNORE)] += self.contact_weight
@@ -176,7 +177,7 @@ def training_sets(train_frames: list[Frame], val_frames: list[Frame], recipe, mo
     cell_width, scales = training_scales(widths, model_cell_width, inherited_cell_width, validation_only)
     train_set = ScaledFrames(train, scales, recipe.intensity, recipe.patch_size, recipe.patches_per_epoch,
                              recipe.augment, turn=recipe.turn, photometric=recipe.photometric,
-                             contact_weight=recipe.contact_weight)
+                             contact_weight=recipe.contact_weight, zoom=(recipe.min_zoom, recipe.max_zoom))
     return train_set, ScaledFrames(val, scales, recipe.intensity), cell_width
 
 

@@ -173,26 +173,15 @@ def frames_loader(model: UNet, frames: list, scale: float | list[float], batch_s
 
 
 def estimate_cell_width(model: UNet, frames: list, device: torch.device, probes: int = 3, precision: str = "auto",
-                        batch_size: int = 8, refinements: int = 2) -> float:
+                        batch_size: int = 8) -> float:
     """The cells' width in frames of unknown pixel size, px, the way Cellpose estimates a diameter by segmenting: a
-    few frames (first, middle, last) predicted at their own scale and the cells found measured; then, up to
-    `refinements` times, predicted again at the scale that width implies and measured again. A model sees cells of
-    other widths than its own (its scale augmentation) but measures them as nearer its own width than they are; at
-    its own width it measures them best. NaN where no cell is found."""
+    few frames (first, middle, last) predicted once, at their own scale (the model's scale augmentation lets it find
+    cells of other widths than its own), the cells found measured. NaN where no cell is found."""
     picks = [frames[k] for k in sorted({0, len(frames) // 2, len(frames) - 1})][:probes]
-    model_width = model.hparams.cell_width
-    scale, width = 1.0, float("nan")
-    for step in range(1 + refinements):
-        loader = frames_loader(model, picks, scale, batch_size, 0, device)
-        measured = median_cell_width(model.instances(semantic) for _, batch in
-                                     border_core_maps(model, loader, device, precision=precision) for semantic in batch)
-        if not (np.isfinite(measured) and measured > 0):
-            break
-        width = measured / scale  # measured in the model's view: back to the frames' own pixels
-        if not model_width or abs(measured / model_width - 1) < 0.1:
-            break
-        scale = model_width / width
-    return width
+    loader = frames_loader(model, picks, 1.0, batch_size, 0, device)
+    width = median_cell_width(model.instances(semantic) for _, batch in
+                              border_core_maps(model, loader, device, precision=precision) for semantic in batch)
+    return width if np.isfinite(width) and width > 0 else float("nan")
 
 
 def sequence_scale(model: UNet, frames: list, device: torch.device, cell_width: float | None = None,

@@ -35,6 +35,8 @@ class Recipe:
     tile_size: int = 512              # tiled view: tile side for validation and inference on whole frames
     augment: bool = True              # tiled view: scale, rotation, mirror, intensity augmentation of the patches
     turn: bool = True                 # rotations and mirrors (off for masks at a fixed offset from the cells)
+    min_zoom: float = 0.7             # patches zoomed log-uniformly between these: the widths of cells the model
+    max_zoom: float = 1.4             # learns, around its own (cells in a movie change width as they grow and spread)
     photometric: bool = True          # gamma, contrast, brightness, blur and noise (off for one microscope, one setting)
     contact_weight: float = 0.0       # extra loss weight where touching cells meet (the U-Net paper's weight map)
     dice_weight: float = 0.0          # loss = cross-entropy + this x soft Dice of border and core (unet.soft_dice_loss)
@@ -61,6 +63,7 @@ class Recipe:
             "widths": len(self.widths) >= 2 and all(isinstance(w, int) and w > 0 for w in self.widths),
             "patches_per_epoch": self.patches_per_epoch >= 1, "contact_weight": self.contact_weight >= 0,
             "dice_weight": self.dice_weight >= 0,
+            "min_zoom": 0 < self.min_zoom <= self.max_zoom, "max_zoom": self.max_zoom >= self.min_zoom,
             "ema_decay": 0 <= self.ema_decay < 1, "min_steps": self.min_steps >= 0,
             "min_ceiling": 0 <= self.min_ceiling <= 1, "max_cell_width": self.max_cell_width >= 0,
             "early_stopping_patience": self.early_stopping_patience >= 0, "val_every": self.val_every >= 1,

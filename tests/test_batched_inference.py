@@ -186,24 +186,19 @@ def test_precision_flag_is_checked_and_its_default_shown(capsys):
     assert "--tiling {auto,fixed}" in text
 
 
-def test_scale_is_estimated_on_the_probe_frames_then_again_at_the_scale_found():
-    pairs = [rod_frame(seed, (300, 340), width=30) for seed in range(5)]  # cells twice the model's width
+def test_scale_is_estimated_from_one_pass_over_the_probe_frames():
+    pairs = [rod_frame(seed, width=20) for seed in range(5)]  # cells twice the model's width
     images = [image for image, _ in pairs]
     truth = median_cell_width(mask for _, mask in pairs[:1] + pairs[2:3] + pairs[4:])  # the probes: first, middle, last
-    model = ThresholdModel(tile_size=512, cell_width=15.0)  # one tile holds a frame: images seen = frames predicted
+    model = ThresholdModel(tile_size=512, cell_width=10.0)  # one tile holds a frame: images seen = frames predicted
     width = estimate_cell_width(model, images, CPU)
-    assert width == pytest.approx(truth, abs=1.0) and truth == pytest.approx(30, abs=1)
-    # three probes at their own scale, again at about 1/2, where the cells are the model's 15 px: done
-    assert model.images_seen == 6 and model.passes == 6  # one probe per pass on a CPU
+    assert width == pytest.approx(truth, abs=1.0) and truth == pytest.approx(20, abs=1)
+    assert model.images_seen == 3 and model.passes == 3  # three probes, each predicted once (one per pass on a CPU)
     model.images_seen = 0
-    own_width = [rod_frame(seed, (300, 340), width=15)[0] for seed in range(5)]
-    assert estimate_cell_width(model, own_width, CPU) == pytest.approx(15, abs=1)
-    assert model.images_seen == 3  # cells of the model's own width: measured once
+    assert sequence_scale(model, images, CPU, say=lambda line: None) == pytest.approx(10 / width)
+    assert model.images_seen == 3
     model.images_seen = 0
-    assert sequence_scale(model, images, CPU, say=lambda line: None) == pytest.approx(15 / width)
-    assert model.images_seen == 6
-    model.images_seen = 0
-    assert sequence_scale(model, images, CPU, cell_width=30.0, say=lambda line: None) == 0.5
+    assert sequence_scale(model, images, CPU, cell_width=20.0, say=lambda line: None) == 0.5
     assert model.images_seen == 0  # the width given: nothing predicted to estimate it
     predict_images(model, images, cell_width=20.0, device="cpu")
     assert model.images_seen == 5  # only the frames themselves

@@ -107,6 +107,25 @@ def test_fixed_orientation_only_zooms(seed):
     assert (np.diff(row_patch, axis=0) > 0).all()
 
 
+@pytest.mark.parametrize("zoom", [0.5, 1.0, 2.0])
+def test_the_recipe_zoom_sets_the_size_of_cells_in_training_patches(tmp_path, zoom):
+    mask = np.zeros((40, 40), np.int32)
+    mask[12:28, 12:28] = 1  # one cell 16 px wide, whole in every patch at these zooms
+    write_sequence(str(tmp_path), "a", [(np.where(mask > 0, 200, 40).astype(np.uint8), mask)])
+    frames = list_frames(str(tmp_path), "a", True)
+    recipe = load_recipe(DEFAULT_RECIPE, ["patch_size=64", "patches_per_epoch=1", f"min_zoom={zoom}",
+                                          f"max_zoom={zoom}"])
+    train_set, _, cell_width = training_sets(frames, frames, recipe, model_cell_width=16)
+    assert cell_width == 16  # the frame at its own scale: only the zoom changes the cells
+    with pytest.raises(RecipeError, match="min_zoom"):
+        load_recipe(DEFAULT_RECIPE, [f"min_zoom={2 * zoom}", f"max_zoom={zoom}"])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        target = train_set[0]["target"]
+        # 8, 16 or 32 px wide; sampled on the turned grid, a few px more or less
+        assert ((target == 1) | (target == 2)).sum() == pytest.approx(256 * zoom ** 2, rel=0.3)
+
+
 def test_contact_pixels_are_where_two_cells_meet():
     labels = np.zeros((12, 20), np.int32)
     labels[2:10, 1:8] = 1
