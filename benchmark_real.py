@@ -232,7 +232,9 @@ def rescore(row: dict) -> dict:
         words += ["--cell_width", f"{training_cell_width(root):.2f}"]
     command = [sys.executable if word == "python" else word for word in words]
     pred_dir = command[command.index("--pred_dir") + 1]
-    cpu, _ = run_timed(command, os.path.join(os.path.dirname(pred_dir.rstrip("/")), "inference.log"))
+    log_dir = os.path.dirname(pred_dir.rstrip("/"))
+    os.makedirs(log_dir, exist_ok=True)
+    cpu, _ = run_timed(command, os.path.join(log_dir, "inference.log"))
     return {**row, **test_scores(pred_dir, root), "inference_cpu_seconds": cpu, "inference_command": " ".join(words)}
 
 

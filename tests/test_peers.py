@@ -245,3 +245,21 @@ def test_learning_curve_rows_get_their_own_table_and_plot_and_stay_out_of_the_ra
     path = str(tmp_path / "curve.png")
     benchmark_real.plot_learning_curves(rows, path)
     assert __import__("matplotlib.image", fromlist=["imread"]).imread(path).shape[1] == pytest.approx(4.5 * 110, abs=2)
+
+
+def test_rescore_predicts_again_as_the_row_was_scored_and_keeps_its_training_figures(tmp_path):
+    root = write_dataset(tmp_path / "data", sequences=("a", "c"), unlabelled=(), frames=2)
+    pred_dir = str(tmp_path / "run" / "pred")
+    width = benchmark_real.training_cell_width(root)
+    inference = (f"python inference.py --root_dir {root} --seqs c --model models/bacteria_generalist.pt "
+                 f"--pred_dir {pred_dir} --native --overwrite")
+    trained = {"dataset": "x", "recipe": "patches", "dice_256": -1.0, "cpu_seconds": 123.0,
+               "command": "python train.py --root_dir x", "inference_command": inference + " --cell_width 99.00"}
+    row = benchmark_real.rescore(trained)
+    # a model trained here is given the training frames' width, whatever width the command held
+    assert row["inference_command"] == inference + f" --cell_width {width:.2f}"
+    assert row["cpu_seconds"] == 123.0 and row["command"] == trained["command"]
+    assert row["dice_256"] == benchmark_real.test_scores(pred_dir, root)["dice_256"] and 0 <= row["dice_256"] <= 1
+    assert os.path.isfile(tmp_path / "run" / "inference.log")
+    zero_shot = benchmark_real.rescore({"dataset": "x", "recipe": "zero_shot", "inference_command": inference})
+    assert zero_shot["inference_command"] == inference  # the bundled model estimates the scale itself
