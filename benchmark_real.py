@@ -43,8 +43,10 @@ and its last checkpoint is scored. A variant (--variant NAME with --patch_args) 
 --rescore predicts and scores the test frames of every earlier row of ours again with its trained model, after a
 change to inference.py, and leaves the training figures as they were.
 
-Writes the table as CSV and JSON into --out_dir (rows of earlier calls kept unless rerun), the plot of score against
-CPU-seconds (--plot), and the table as markdown between the markers of --results_md.
+Writes every row measured so far to --table (docs/benchmark_real.json, kept in the repository: rows of earlier calls
+stay unless rerun, so the tables and plots can be drawn again without training, `--recipes none`), the same as CSV
+into --out_dir, the plot of score against CPU-seconds (--plot), and the table as markdown between the markers of
+--results_md.
 """
 import argparse
 import json
@@ -81,6 +83,7 @@ CELLPOSE_VENV = os.path.join(ROOT, ".venv-cellpose")
 CELLPOSE_TRAIN_FLAGS = ["--min_train_masks", "0", "--save_every", "10"]  # every training frame, as ours (docs/peers.md)
 CELLPOSE_BUDGETS = (1, 2, 4)  # multiples of the patch recipe's CPU-seconds at which Cellpose is scored
 SIMULATE_ARGS = ["--sequences", "3", "--without_gt", "0", "--frames", "20", "--size", "256", "--seed", "0"]
+MACHINE_MARKS = "¹²³⁴⁵⁶⁷⁸⁹"  # a table's rows measured on a second, third, ... machine
 RESULTS_START, RESULTS_END = "<!-- benchmark_real:start -->", "<!-- benchmark_real:end -->"
 
 # name -> train (a), select (b) and test (c) sequences, each made of pieces: (source, frame range). A source is a path
@@ -427,11 +430,17 @@ def results_markdown(rows: list[dict]) -> str:
              "same CPU-seconds, interpolated between its checkpoints.", ""]
     for dataset in dict.fromkeys(row["dataset"] for row in rows):
         group = [row for row in rows if row["dataset"] == dataset and not subset_of(row)]
-        lines += [f"### {dataset}", "", f"Data: `{group[0].get('data', '')}`. Machine: {group[0].get('machine', '')}.",
+        machines = list(dict.fromkeys(row["machine"] for row in rows if row["dataset"] == dataset and "machine" in row))
+        # rows measured on another machine than the dataset's first are marked: their CPU-seconds are not comparable
+        marks = {machine: MACHINE_MARKS[index - 1] if index else "" for index, machine in enumerate(machines)}
+        shown = "; ".join(f"{marks[m] + ' ' if marks[m] else ''}{m}" for m in machines)
+        lines += [f"### {dataset}", "", f"Data: `{group[0].get('data', '')}`. "
+                  f"Machine{'s' if len(machines) > 1 else ''}: {shown}{' (rows marked so)' if len(machines) > 1 else ''}.",
                   "", "| recipe | Instance Dice 256 | native | AP50 256 | AP50 native | training CPU-s | vs Cellpose |",
                   "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        mark = lambda row: (" " + marks[row["machine"]]) if marks.get(row.get("machine")) else ""
         for row in group:
-            lines.append(f"| {row['recipe']} | {format_value(row.get('dice_256'))} | "
+            lines.append(f"| {row['recipe']}{mark(row)} | {format_value(row.get('dice_256'))} | "
                          f"{format_value(row.get('dice_native'))} | {format_value(row.get('ap50_256'))} | "
                          f"{format_value(row.get('ap50_native'))} | {format_value(row.get('cpu_seconds'), 0)} | "
                          f"{format_value(row.get('ahead_of_cellpose'), -3)} |")
@@ -446,7 +455,7 @@ def results_markdown(rows: list[dict]) -> str:
                       "| training frames | tool | Instance Dice 256 | native | AP50 256 | training CPU-s | epochs |",
                       "| ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
             points = sorted((frames, tool, row) for tool, curve in curves.items() for frames, row in curve)
-            lines += [f"| {frames} | {tool} | {format_value(row.get('dice_256'))} | "
+            lines += [f"| {frames} | {tool}{mark(row)} | {format_value(row.get('dice_256'))} | "
                       f"{format_value(row.get('dice_native'))} | {format_value(row.get('ap50_256'))} | "
                       f"{format_value(row.get('cpu_seconds'), 0)} | {row.get('epochs', '—')} |"
                       for frames, tool, row in points]
@@ -530,7 +539,10 @@ def plot_learning_curves(rows: list[dict], path: str):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--real_dir", default=SHARED_REAL, help="the real data (see its README) (default %(default)s)")
-    parser.add_argument("--out_dir", default="runs/benchmark_real", help="(default %(default)s)")
+    parser.add_argument("--out_dir", default="runs/benchmark_real",
+                        help="data, run folders, predictions and logs (default %(default)s)")
+    parser.add_argument("--table", default="docs/benchmark_real.json",
+                        help="every row measured so far, read and extended by each call (default %(default)s)")
     parser.add_argument("--datasets", default="trpL,usiigaci,simulated",
                         help=f"comma-separated, of {','.join(DATASETS)} (default %(default)s)")
     parser.add_argument("--recipes", default="ceiling,faithful,patches,zero_shot,fine_tuned,cellpose",
@@ -575,7 +587,7 @@ def main(argv=None):
         sys.exit(f"error: --datasets: unknown {','.join(unknown)} (known: {','.join(DATASETS)})")
     if set(datasets) - {"simulated"} and not os.path.isdir(args.real_dir):
         sys.exit(f"error: {args.real_dir}: real data not found (see ../shared/real/README.md)")
-    table_path = os.path.join(args.out_dir, "benchmark_real.json")
+    table_path = args.table
     previous = json.load(open(table_path)) if os.path.isfile(table_path) else []
     rows = []
     if args.rescore:

@@ -118,7 +118,26 @@ def test_results_markdown_lists_every_row_with_its_command():
     text = benchmark_real.results_markdown(rows)
     assert "| patches | 0.9000 | 0.8900 | 0.8000 | 0.8100 | 761 | +0.250 |" in text
     assert "| ceiling | 0.9700 | — | — | — | — | — |" in text
-    assert "- patches: `python train.py x`" in text and "Machine: 2-core CPU" in text
+    assert "- patches: `python train.py x`" in text and "Machine: 2-core CPU." in text
+    # a row measured on another machine is marked, and the machines named
+    rows.append({**rows[0], "recipe": "faithful", "machine": "16-core CPU", "cpu_seconds": 3000.0})
+    text = benchmark_real.results_markdown(rows)
+    assert "Machines: 2-core CPU; ¹ 16-core CPU (rows marked so)." in text
+    assert "| faithful ¹ | 0.9000 |" in text and "| patches | 0.9000 |" in text
+
+
+def test_the_results_page_shows_the_committed_table():
+    """docs/results.md's block is drawn from docs/benchmark_real.json, the rows kept in the repository: an edit by hand
+    of either, or a table that lost its rows, shows here."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "benchmark_real.json")) as file:
+        rows = json.load(file)
+    with open(os.path.join(root, "docs", "results.md")) as file:
+        block = file.read().split(benchmark_real.RESULTS_START)[1].split(benchmark_real.RESULTS_END)[0]
+    assert block.strip() == benchmark_real.results_markdown(rows).strip()
+    assert {"trpL", "usiigaci", "simulated"} <= {row["dataset"] for row in rows}
+    assert all(any(r["dataset"] == dataset and r["recipe"].startswith("cellpose") for r in rows)
+               for dataset in ("trpL", "usiigaci", "simulated"))
 
 
 def test_merged_rows_replace_reruns_and_keep_the_rest():
