@@ -337,10 +337,12 @@ def subset_of(row: dict) -> int | None:
 
 def add_cellpose_at_equal_cpu(rows: list[dict]):
     """cellpose_at_equal_cpu and ahead_of_cellpose for every other trained row: Cellpose's Instance Dice (256) at the
-    row's CPU-seconds, linear between its scored checkpoints (none outside their range)."""
+    row's CPU-seconds, linear between its scored checkpoints measured on the same machine (none outside their range)."""
     for row in rows:
+        row.pop("cellpose_at_equal_cpu", None), row.pop("ahead_of_cellpose", None)  # a table's rows are drawn again
         peer = sorted((r["cpu_seconds"], r["dice_256"]) for r in rows if r["dataset"] == row["dataset"]
-                      and r["recipe"].startswith("cellpose") and subset_of(r) == subset_of(row))
+                      and r["recipe"].startswith("cellpose") and subset_of(r) == subset_of(row)
+                      and r.get("machine") == row.get("machine"))  # CPU-seconds compare on one machine only
         cpu = row.get("cpu_seconds")
         if row["recipe"].startswith("cellpose") or not peer or cpu is None or not np.isfinite(cpu):
             continue
@@ -485,16 +487,22 @@ def plot_race(rows: list[dict], path: str):
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 4.8), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         group = [row for row in rows if row["dataset"] == dataset]
-        lines = {}
+        first_machine = next((row["machine"] for row in group if "machine" in row), None)
+        lines, elsewhere = {}, {}
         for row in group:
             if row["recipe"] == "ceiling":
                 axis.axhline(row["dice_256"], color="grey", linestyle="--", linewidth=1, label="ceiling")
             elif np.isfinite(row.get("cpu_seconds", np.nan)):
-                tool = tool_of(row)
-                lines.setdefault(tool, []).append((row["cpu_seconds"], row["dice_256"]))
+                # a point measured on another machine is not joined to the line: its CPU-seconds do not compare
+                points = elsewhere if row.get("machine", first_machine) != first_machine else lines
+                points.setdefault(tool_of(row), []).append((row["cpu_seconds"], row["dice_256"]))
         for tool, points in lines.items():
             cpu, dice = zip(*sorted(points))
             axis.plot(cpu, dice, marker="o", markersize=4, label=tool, color=colours[tool])
+        for tool, points in elsewhere.items():
+            cpu, dice = zip(*sorted(points))
+            axis.plot(cpu, dice, linestyle="none", marker="o", markersize=6, markerfacecolor="none",
+                      color=colours[tool], label=f"{tool}, another machine")
         axis.set_title(dataset)
         axis.set_xlabel("training CPU-seconds")
         axis.set_xlim(left=0)

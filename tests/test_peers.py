@@ -150,6 +150,8 @@ def test_plot_has_a_panel_per_dataset(tmp_path):
     rows = [{"dataset": d, "recipe": r, "dice_256": s, "cpu_seconds": c} for d in ("x", "y")
             for r, s, c in (("cellpose (11 epochs)", 0.1, 100.0), ("cellpose (21 epochs)", 0.5, 200.0),
                             ("patches", 0.9, 150.0))] + [{"dataset": "x", "recipe": "ceiling", "dice_256": 0.97}]
+    rows[0]["machine"] = "one CPU"
+    rows.append({"dataset": "x", "recipe": "patches e480", "dice_256": 0.95, "cpu_seconds": 900.0, "machine": "other"})
     path = str(tmp_path / "race.png")
     benchmark_real.plot_race(rows, path)
     image = __import__("matplotlib.image", fromlist=["imread"]).imread(path)
@@ -257,6 +259,9 @@ def test_learning_curve_rows_get_their_own_table_and_plot_and_stay_out_of_the_ra
     # all frames against Cellpose on all frames (690 -> 0.46, 1300 -> 0.62); one frame only against one frame's
     assert rows[0]["cellpose_at_equal_cpu"] == pytest.approx(0.46 + 0.16 * 210 / 610)
     assert "cellpose_at_equal_cpu" not in rows[1]  # 500 CPU-s is outside the one-frame peer's only point (480)
+    elsewhere = [{**rows[0], "machine": "another CPU"}] + rows[2:4]
+    benchmark_real.add_cellpose_at_equal_cpu(elsewhere)
+    assert "ahead_of_cellpose" not in elsewhere[0]  # CPU-seconds of two machines are not compared
     text = benchmark_real.results_markdown(rows)
     main_table = text.split("Learning curve")[0]
     assert "(1 frames" not in main_table and "| 1 | fine_tuned | 0.4000 |" in text
