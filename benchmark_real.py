@@ -339,7 +339,8 @@ def add_cellpose_at_equal_cpu(rows: list[dict]):
     """cellpose_at_equal_cpu and ahead_of_cellpose for every other trained row: Cellpose's Instance Dice (256) at the
     row's CPU-seconds, linear between its scored checkpoints measured on the same machine (none outside their range)."""
     for row in rows:
-        row.pop("cellpose_at_equal_cpu", None), row.pop("ahead_of_cellpose", None)  # a table's rows are drawn again
+        for key in ("cellpose_at_equal_cpu", "ahead_of_cellpose"):  # figures of an earlier drawing of the table
+            row.pop(key, None)
         peer = sorted((r["cpu_seconds"], r["dice_256"]) for r in rows if r["dataset"] == row["dataset"]
                       and r["recipe"].startswith("cellpose") and subset_of(r) == subset_of(row)
                       and r.get("machine") == row.get("machine"))  # CPU-seconds compare on one machine only
@@ -473,6 +474,24 @@ def write_results_block(path: str, text: str):
     write_marked_block(path, "benchmark_real", text)
 
 
+def race_points(group: list[dict]) -> tuple[dict, dict]:
+    """A dataset's trained rows as points (CPU-seconds, Instance Dice 256) by tool: those measured on the dataset's
+    first machine, joined into lines, and those measured on another, drawn apart (their CPU-seconds do not compare).
+
+    >>> race_points([{"recipe": "patches", "cpu_seconds": 9.0, "dice_256": 0.5, "machine": "A"},
+    ...              {"recipe": "patches e40", "cpu_seconds": 30.0, "dice_256": 0.7, "machine": "B"},
+    ...              {"recipe": "ceiling", "dice_256": 0.97, "machine": "A"}])
+    ({'patches': [(9.0, 0.5)]}, {'patches': [(30.0, 0.7)]})
+    """
+    first_machine = next((row["machine"] for row in group if "machine" in row), None)
+    lines, elsewhere = {}, {}
+    for row in group:
+        if row["recipe"] != "ceiling" and np.isfinite(row.get("cpu_seconds", np.nan)):
+            points = elsewhere if row.get("machine", first_machine) != first_machine else lines
+            points.setdefault(tool_of(row), []).append((row["cpu_seconds"], row["dice_256"]))
+    return lines, elsewhere
+
+
 def plot_race(rows: list[dict], path: str):
     """Instance Dice (256) against training CPU-seconds, a panel per dataset: one line per tool or recipe (Cellpose's
     checkpoints; each of our recipes, a point per run), the method's ceiling dashed."""
@@ -487,15 +506,10 @@ def plot_race(rows: list[dict], path: str):
     figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 4.8), squeeze=False)
     for axis, dataset in zip(axes[0], datasets):
         group = [row for row in rows if row["dataset"] == dataset]
-        first_machine = next((row["machine"] for row in group if "machine" in row), None)
-        lines, elsewhere = {}, {}
         for row in group:
             if row["recipe"] == "ceiling":
                 axis.axhline(row["dice_256"], color="grey", linestyle="--", linewidth=1, label="ceiling")
-            elif np.isfinite(row.get("cpu_seconds", np.nan)):
-                # a point measured on another machine is not joined to the line: its CPU-seconds do not compare
-                points = elsewhere if row.get("machine", first_machine) != first_machine else lines
-                points.setdefault(tool_of(row), []).append((row["cpu_seconds"], row["dice_256"]))
+        lines, elsewhere = race_points(group)
         for tool, points in lines.items():
             cpu, dice = zip(*sorted(points))
             axis.plot(cpu, dice, marker="o", markersize=4, label=tool, color=colours[tool])
@@ -601,6 +615,14 @@ def main(argv=None):
     if args.rescore:
         ours = [row for row in previous if row["dataset"] in datasets
                 and row.get("inference_command", "").startswith("python inference.py")]
+        def model_of(row):
+            words = row["inference_command"].split()
+            return words[words.index("--model") + 1]
+        missing = [row for row in ours if not os.path.isfile(os.path.join(ROOT, model_of(row)))]
+        if missing:  # e.g. rows rebuilt from the results page, whose run folders are gone: kept as they are
+            print(f"rescore: {len(missing)} rows kept as they are, their models are gone "
+                  f"({', '.join(sorted({model_of(row) for row in missing})[:3])}, ...)", flush=True)
+        ours = [row for row in ours if row not in missing]
         for number, row in enumerate(ours, 1):
             rows.append(rescore(row))
             print(f"rescored {number}/{len(ours)} {row['dataset']} {row['recipe']}: dice_256 {row['dice_256']:.4f} -> "
